@@ -1,0 +1,637 @@
+"""FlashAttention-2 style forward and backward kernels in Triton.
+
+Layouts follow the flash-attn package:
+
+* dense: ``q`` is ``(batch, seqlen_q, heads, head_dim)``, ``k``/``v`` are ``(batch, seqlen_k, kv_heads, head_dim)``;
+* varlen: ``q`` is ``(total_q, heads, head_dim)`` with ``cu_seqlens_q`` (int32, ``batch + 1`` prefix sums), and
+  likewise ``k``/``v`` with ``cu_seqlens_k``.
+
+Grouped-query attention is handled inside the kernels: query head ``h`` reads KV head ``h // (heads // kv_heads)``.
+Causal masking is aligned to the bottom-right corner when ``seqlen_q != seqlen_k`` (query ``i`` sees key ``j`` when
+``j <= i + seqlen_k - seqlen_q``). The log-sum-exp is returned in natural-log units, shaped ``(batch, heads, seqlen_q)``
+(dense) or ``(heads, total_q)`` (varlen); rows that see no key give output 0 and LSE ``-inf``.
+
+The kernel launchers here are plain functions on tensors; the autograd/custom-op layer lives in `ops.py`.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Tile sizes used under TRITON_INTERPRET=1 (big tiles keep the interpreter fast; tests may override them).
+INTERPRET_CONFIG = dict(fwd=(32, 32), bwd_dkdv=(32, 32), bwd_dq=(32, 32))
+
+
+def interpreting() -> bool:
+    "True when Triton runs kernels on the CPU interpreter."
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_enabled() -> bool:
+    return (not interpreting()) and torch.cuda.is_available() and os.environ.get("PHI4_KERNELS_AUTOTUNE", "1") != "0"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; out-of-range rows and padded head-dim columns read as zero."""
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(start_q, len_q, start_k, len_k) of sequence b; dense tensors start at 0 inside their batch row."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        q_len = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        k_len = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        k_start = tl.zeros([], dtype=tl.int64)
+        q_len = seqlen_q
+        k_len = seqlen_k
+    return q_start, q_len, k_start, k_len
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
+               lo, hi, len_k, diag, qk_scale,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Online-softmax sweep over key blocks [lo, hi). MASK=False is the fast path for fully visible blocks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale  # log2 units
+        if MASK:
+            keep = offs_n[None, :] < len_k
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                stride_qb, stride_qt, stride_qh,
+                stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh,
+                stride_ob, stride_ot, stride_oh,
+                stride_lb, stride_lh,
+                seqlen_q, seqlen_k, n_heads, qk_scale, SEQ_BUCKET,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // GROUP
+    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    n_mblocks = tl.cdiv(len_q, BLOCK_M)
+    if pid_m >= n_mblocks:
+        return
+    if CAUSAL:
+        m_block = n_mblocks - 1 - pid_m  # longest rows first
+    else:
+        m_block = pid_m
+    start_m = m_block * BLOCK_M
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
+    k_base = K + b64 * stride_kb + k_start * stride_kt + hk * stride_kh
+    v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
+    o_base = O + b64 * stride_ob + q_start * stride_ot + h * stride_oh
+    l_base = LSE + b64 * stride_lb + h * stride_lh + q_start
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+
+    diag = len_k - len_q  # bottom-right causal alignment
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), len_k)
+        full = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N  # blocks every row sees entirely
+        full = tl.minimum(full, len_k // BLOCK_N * BLOCK_N)
+    else:
+        hi = len_k
+        full = len_k // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
+                               0, full, len_k, diag, qk_scale,
+                               False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
+                               full, hi, len_k, diag, qk_scale,
+                               True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(l_base + offs_m, lse, mask=offs_m < len_q)
+    _store_rows(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), offs_m, len_q,
+                offs_d, HEAD_DIM, BLOCK_D)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backward: delta = rowsum(dO * O), then dK/dV (one program per KV block and KV head) and dQ (one per Q block).
+# --------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, CU_Q,
+                      stride_ob, stride_ot, stride_oh,
+                      stride_db, stride_dt, stride_dh,
+                      stride_lb, stride_lh,
+                      seqlen_q, n_heads,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      VARLEN: tl.constexpr, ACC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    q_start, len_q, _ks, _kl = _seq_bounds(CU_Q, CU_Q, b, seqlen_q, seqlen_q, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= len_q:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b64 * stride_ob + q_start * stride_ot + h * stride_oh
+                   + offs_m[:, None] * stride_ot + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b64 * stride_db + q_start * stride_dt + h * stride_dh
+                    + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, delta, mask=offs_m < len_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, stride_dot,
+                    offs_n, offs_m0, offs_d, lo, hi, len_q, len_k, diag, qk_scale,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (transposed scores)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d,
+                       HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, len_q, offs_d,
+                        HEAD_DIM, BLOCK_D, True)
+        lse2 = tl.load(l_base + offs_m, mask=offs_m < len_q, other=float("inf")).to(ACC) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that saw nothing: p = 0
+        delta = tl.load(d_base + offs_m, mask=offs_m < len_q, other=0.0).to(ACC)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pt = tl.math.exp2(st - lse2[None, :])
+        if MASK:
+            keep = (offs_m[None, :] < len_q) & (offs_n[:, None] < len_k)
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
+            pt = tl.where(keep, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=ACC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC, out_dtype=ACC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+                     stride_qb, stride_qt, stride_qh,
+                     stride_kb, stride_kt, stride_kh,
+                     stride_vb, stride_vt, stride_vh,
+                     stride_dob, stride_dot, stride_doh,
+                     stride_dkb, stride_dkt, stride_dkh,
+                     stride_dvb, stride_dvt, stride_dvh,
+                     stride_lb, stride_lh,
+                     seqlen_q, seqlen_k, n_kv_heads, qk_scale, sm_scale, SEQ_BUCKET,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                     UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= len_k:
+        return
+    b64 = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b64 * stride_kb + k_start * stride_kt + hk * stride_kh
+                   + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
+                   + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+
+    diag = len_k - len_q
+    m_end = tl.cdiv(len_q, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # first query row that sees any key of this block, and first row that sees all of them
+        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+        lo = tl.minimum(lo, m_end)
+        full = tl.minimum(tl.maximum(full, lo), m_end)
+    else:
+        lo = 0
+        full = 0
+    for g in range(GROUP):  # the query heads sharing this KV head, summed here: no atomics
+        h = hk * GROUP + g
+        q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
+        do_base = DO + b64 * stride_dob + q_start * stride_dot + h * stride_doh
+        l_base = LSE + b64 * stride_lb + h * stride_lh + q_start
+        d_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, stride_dot,
+                                 offs_n, offs_m0, offs_d, lo, full, len_q, len_k, diag, qk_scale,
+                                 True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, stride_dot,
+                                 offs_n, offs_m0, offs_d, full, m_end, len_q, len_k, diag, qk_scale,
+                                 False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC)
+    dk = dk * sm_scale
+    _store_rows(DK + b64 * stride_dkb + k_start * stride_dkt + hk * stride_dkh
+                + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), offs_n, len_k,
+                offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b64 * stride_dvb + k_start * stride_dvt + hk * stride_dvh
+                + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), offs_n, len_k,
+                offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+                  offs_m, offs_n0, offs_d, lo, hi, len_k, diag, qk_scale,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            keep = offs_n[None, :] < len_k
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC, out_dtype=ACC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+                   stride_qb, stride_qt, stride_qh,
+                   stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh,
+                   stride_dob, stride_dot, stride_doh,
+                   stride_dqb, stride_dqt, stride_dqh,
+                   stride_lb, stride_lh,
+                   seqlen_q, seqlen_k, n_heads, qk_scale, sm_scale, SEQ_BUCKET,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                   UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // GROUP
+    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    n_mblocks = tl.cdiv(len_q, BLOCK_M)
+    if pid_m >= n_mblocks:
+        return
+    if CAUSAL:
+        m_block = n_mblocks - 1 - pid_m
+    else:
+        m_block = pid_m
+    start_m = m_block * BLOCK_M
+    b64 = b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
+                   + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b64 * stride_dob + q_start * stride_dot + h * stride_doh
+                    + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    l_ptrs = b64 * stride_lb + h * stride_lh + q_start + offs_m
+    lse2 = tl.load(LSE + l_ptrs, mask=offs_m < len_q, other=float("inf")).to(ACC) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(DELTA + l_ptrs, mask=offs_m < len_q, other=0.0).to(ACC)
+    k_base = K + b64 * stride_kb + k_start * stride_kt + hk * stride_kh
+    v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+
+    diag = len_k - len_q
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), len_k)
+        full = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N
+        full = tl.minimum(full, len_k // BLOCK_N * BLOCK_N)
+    else:
+        hi = len_k
+        full = len_k // BLOCK_N * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+                       offs_m, offs_n0, offs_d, 0, full, len_k, diag, qk_scale,
+                       False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+                       offs_m, offs_n0, offs_d, full, hi, len_k, diag, qk_scale,
+                       True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC)
+    dq = dq * sm_scale
+    _store_rows(DQ + b64 * stride_dqb + q_start * stride_dqt + h * stride_dqh
+                + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), offs_m, len_q,
+                offs_d, HEAD_DIM, BLOCK_D)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configurations: one fixed tile per head dim by default (and always under the interpreter); a short autotune list
+# on CUDA devices. Hopper notes: 128-row query tiles, 8 warps only for tiles of at least 128x128, 2-4 stages.
+# --------------------------------------------------------------------------------------------------------------------
+
+def _default_config(kind: str, block_d: int):
+    "(BLOCK_M, BLOCK_N, num_warps, num_stages) used when not autotuning."
+    if kind == "fwd":
+        if block_d <= 64: return (128, 64, 4, 3)
+        if block_d <= 128: return (128, 64, 8, 3)
+        return (64, 32, 4, 2)
+    if kind == "bwd_dkdv":
+        if block_d <= 64: return (64, 128, 8, 3)
+        if block_d <= 128: return (64, 128, 8, 2)
+        return (32, 64, 4, 2)
+    if kind == "bwd_dq":
+        if block_d <= 64: return (128, 64, 8, 3)
+        if block_d <= 128: return (128, 64, 8, 2)
+        return (64, 32, 4, 2)
+    raise ValueError(kind)
+
+
+def _tune_space(kind: str):
+    if kind == "fwd":
+        return [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
+                (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
+    if kind == "bwd_dkdv":
+        return [(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                (128, 128, 8, 2), (64, 128, 4, 2)]
+    return [(128, 32, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
+            (128, 128, 8, 2), (64, 128, 4, 2)]
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
+        out = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if bd > 128 and bm * bn > 64 * 64: continue  # registers/shared memory for head dim 256
+            if bd >= 128 and c.num_stages > 3 and bn >= 128: continue
+            out.append(c)
+        return out or configs[:1]
+    return prune
+
+
+_KEYS = ["HEAD_DIM", "CAUSAL", "GROUP", "VARLEN", "SEQ_BUCKET"]
+_TUNED = {}
+
+
+def _kernel(kind: str):
+    "The raw jit kernel, or (on a CUDA device with autotuning on) its autotuned wrapper."
+    raw = dict(fwd=_fwd_kernel, bwd_dkdv=_bwd_dkdv_kernel, bwd_dq=_bwd_dq_kernel)[kind]
+    if not _autotune_enabled():
+        return raw, False
+    if kind not in _TUNED:
+        configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+                   for m, n, w, s in _tune_space(kind)]
+        _TUNED[kind] = triton.autotune(configs, key=_KEYS, prune_configs_by=dict(early_config_prune=_prune(kind)),
+                                       cache_results=True)(raw) if _supports_cache_results() else \
+            triton.autotune(configs, key=_KEYS, prune_configs_by=dict(early_config_prune=_prune(kind)))(raw)
+    return _TUNED[kind], True
+
+
+def _supports_cache_results() -> bool:
+    import inspect
+    return "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def _launch(kind, grid_rows, grid_cols, args, meta, block_d):
+    kern, tuned = _kernel(kind)
+    if tuned:
+        grid = lambda META: (triton.cdiv(grid_rows, META["BLOCK_M" if kind != "bwd_dkdv" else "BLOCK_N"]), grid_cols)
+        kern[grid](*args, **meta)
+        return
+    if interpreting():
+        bm, bn = INTERPRET_CONFIG[kind]
+        warps, stages = 4, 1
+    else:
+        bm, bn, warps, stages = _default_config(kind, block_d)
+    rows_block = bn if kind == "bwd_dkdv" else bm
+    grid = (triton.cdiv(grid_rows, rows_block), grid_cols)
+    kern[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Host-side launchers
+# --------------------------------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(q, k, v, varlen: bool):
+    nd = 3 if varlen else 4
+    what = "(total_tokens, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != nd:
+            raise ValueError(f"{name} must have layout {what}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {q.dtype}; use float16, bfloat16, float32 or float64")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if not varlen and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
+    h, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    d = q.shape[-1]
+    if d < 1 or d > 256:
+        raise ValueError(f"head_dim must be in 1..256, got {d}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on the same device")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError("phi4_kernels needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
+                         "for CPU testing)")
+
+
+def _last_contig(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _common_meta(q, k, causal, varlen):
+    d = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(d))
+    interp = interpreting()
+    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
+    upcast = interp and q.dtype == torch.bfloat16  # the interpreter's bf16 arithmetic is wrong: compute in fp32
+    prec = "ieee" if (upcast or q.dtype in (torch.float32, torch.float64)) else "tf32"
+    return dict(GROUP=q.shape[-2] // k.shape[-2], HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal),
+                VARLEN=bool(varlen), UPCAST=bool(upcast), ACC=acc, PREC=prec)
+
+
+def _strides3(t, varlen):
+    "(batch, token, head) strides; batch stride is 0 for packed tensors."
+    if varlen:
+        return (0, t.stride(0), t.stride(1))
+    return (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+class _DeviceGuard:
+    def __init__(self, t):
+        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None: self.ctx.__enter__()
+
+    def __exit__(self, *a):
+        if self.ctx is not None: self.ctx.__exit__(*a)
+
+
+def attn_fwd(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+    """Run the forward kernel. Returns (out, lse) with lse in natural-log units, float32 (float64 for float64 inputs)."""
+    varlen = cu_q is not None
+    _check(q, k, v, varlen)
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if varlen:
+        batch = cu_q.numel() - 1
+        h = q.shape[1]
+        lse = torch.empty((h, q.shape[0]), device=q.device, dtype=lse_dtype)
+        lstr = (0, lse.stride(0))
+        seqlen_q, seqlen_k = max_q, max_k
+    else:
+        batch, seqlen_q, h, _ = q.shape
+        seqlen_k = k.shape[1]
+        lse = torch.empty((batch, h, seqlen_q), device=q.device, dtype=lse_dtype)
+        lstr = (lse.stride(0), lse.stride(1))
+    if q.numel() == 0 or batch == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    meta = _common_meta(q, k, causal, varlen)
+    dummy = cu_q if varlen else q
+    args = (q, k, v, out, lse, cu_q if varlen else dummy, cu_k if varlen else dummy,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen), *lstr,
+            seqlen_q, seqlen_k, h, scale * LOG2E, _bucket(seqlen_q))
+    with _DeviceGuard(q):
+        _launch("fwd", seqlen_q, batch * h, args, meta, meta["BLOCK_D"])
+    return out, lse
+
+
+def attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+    "Run the backward kernels; returns (dq, dk, dv). Deterministic (no atomics)."
+    varlen = cu_q is not None
+    q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    h, hk = q.shape[-2], k.shape[-2]
+    if varlen:
+        batch = cu_q.numel() - 1
+        seqlen_q, seqlen_k = max_q, max_k
+        lstr = (0, lse.stride(0))
+    else:
+        batch, seqlen_q = q.shape[0], q.shape[1]
+        seqlen_k = k.shape[1]
+        lstr = (lse.stride(0), lse.stride(1))
+    if q.numel() == 0 or k.numel() == 0 or batch == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    meta = _common_meta(q, k, causal, varlen)
+    delta = torch.empty_like(lse)
+    dummy = cu_q if varlen else q
+    cq, ck = (cu_q, cu_k) if varlen else (dummy, dummy)
+    with _DeviceGuard(q):
+        bm = 32 if interpreting() else 64
+        _bwd_delta_kernel[(triton.cdiv(seqlen_q, bm), batch * h)](
+            out, dout, delta, cq, *_strides3(out, varlen), *_strides3(dout, varlen), *lstr, seqlen_q, h,
+            HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm, VARLEN=meta["VARLEN"], ACC=meta["ACC"])
+        common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen))
+        _launch("bwd_dkdv", seqlen_k, batch * hk,
+                (q, k, v, dout, lse, delta, dk, dv, cq, ck, *common, *_strides3(dk, varlen), *_strides3(dv, varlen),
+                 *lstr, seqlen_q, seqlen_k, hk, scale * LOG2E, scale, _bucket(seqlen_k)), meta, meta["BLOCK_D"])
+        _launch("bwd_dq", seqlen_q, batch * h,
+                (q, k, v, dout, lse, delta, dq, cq, ck, *common, *_strides3(dq, varlen), *lstr,
+                 seqlen_q, seqlen_k, h, scale * LOG2E, scale, _bucket(seqlen_q)), meta, meta["BLOCK_D"])
+    return dq, dk, dv
