@@ -129,7 +129,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_ob, stride_ot, stride_oh,
                 stride_lb, stride_lh,
                 seqlen_q, seqlen_k, n_heads, qk_scale, SEQ_BUCKET,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                 UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -261,7 +261,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      stride_dvb, stride_dvt, stride_dvh,
                      stride_lb, stride_lh,
                      seqlen_q, seqlen_k, n_kv_heads, qk_scale, sm_scale, SEQ_BUCKET,
-                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                      UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -354,7 +354,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    stride_dqb, stride_dqt, stride_dqh,
                    stride_lb, stride_lh,
                    seqlen_q, seqlen_k, n_heads, qk_scale, sm_scale, SEQ_BUCKET,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
