@@ -65,15 +65,16 @@ def test_short_items_and_documents():
 
 def test_allowed_13grams_from_reference():
     boiler = 'a i only b ii only c iii only d ii and iii only'
-    ix = DecontamIndex([_bench(f'which is true about the heron of varo {boiler}')])
+    item = f'which is true about the heron of varo that nests on high cliffs and hatches its eggs after forty days {boiler}'
+    ix = DecontamIndex([_bench(item)])
     filler = ' '.join(f'f{j}' for j in range(40))
     ref = [f'question {i} {filler} {boiler}' for i in range(6)]   # boilerplate inside a longer text
     assert check(ix, ref[0])['reason'] == '13-gram'
     assert len(ix.allow_common(ref[:4], min_docs=5)) == 0        # not common enough yet
     assert len(ix.allow_common(ref, min_docs=5)) >= 1
     r = check(ix, ref[0])                                         # the 7-gram rule has no allowed list: partial at most
-    assert r['reason'] != '13-gram' and r['status'] != 'contaminated'
-    assert check(ix, f'which is true about the heron of varo {boiler}')['status'] == 'contaminated'
+    assert (r['status'], r['reason']) == ('partial', '7-gram')
+    assert check(ix, item)['status'] == 'contaminated'
     with pytest.raises(ValueError, match='min_docs'): ix.allow_common(ref, min_docs=0)
 
 
