@@ -75,8 +75,8 @@ def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
         k_start = tl.load(CU_K + b).to(tl.int64)
         k_len = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
     else:
-        q_start = tl.zeros([], dtype=tl.int64)
-        k_start = tl.zeros([], dtype=tl.int64)
+        q_start = (b * 0).to(tl.int64)
+        k_start = (b * 0).to(tl.int64)
         q_len = seqlen_q
         k_len = seqlen_k
     return q_start, q_len, k_start, k_len
