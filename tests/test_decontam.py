@@ -96,11 +96,11 @@ def test_jsonl_errors_and_data_root(tmp_path):
     p.write_text('{"a": 1}\n\n{"a": 2\n')
     with pytest.raises(ValueError, match=r'x.jsonl:3: malformed'): read_jsonl(p)
     with pytest.raises(FileNotFoundError): read_jsonl(tmp_path/'missing.jsonl')
-    with pytest.raises(FileNotFoundError, match='does not exist'): data_root(tmp_path/'nope')
+    with pytest.raises(FileNotFoundError, match='not found'): data_root(tmp_path/'nope')
     (tmp_path/'gsm8k').mkdir()
     with pytest.raises(FileNotFoundError): load_gsm8k('test', tmp_path)
-    (tmp_path/'gsm8k'/'test.jsonl').write_text('')
-    assert len(load_gsm8k('test', tmp_path)) == 0
+    (tmp_path/'gsm8k'/'test.jsonl').write_text('{"question": "q?", "answer": "a\\n#### 1"}\n{"question": ')
+    with pytest.raises(ValueError, match='test.jsonl'): load_gsm8k('test', tmp_path)
 
 
 def test_save_load_workers_and_report(tmp_path):
@@ -132,7 +132,22 @@ def test_real_benchmarks_copy_caught_generic_clean():
     g, m = load_gsm8k('test'), load_math('test')
     assert (len(g), len(m)) == (1319, 5000)
     assert [b.name for b in eval_benchmarks()] == ['gsm8k', 'math', 'humaneval']
+    assert g.items[0]['id'] == 'gsm8k-test-1' and m.items[0]['id'] == 'test/algebra/1'
+    assert load_gsm8k('test', with_answers=False).items[0]['text'] == g.items[0]['question']
     ix = DecontamIndex([Benchmark('gsm8k', g.items[:200])])
     q = g.items[17]['text'].split('\n')[0]
-    assert check(ix, 'Homework help please! ' + q)['items'] == ['gsm8k/test/17']
+    assert check(ix, 'Homework help please! ' + q)['items'] == [g.items[17]['id']]
     assert check(ix, 'The farmer sold some apples at the market and bought a new hat.')['status'] == 'clean'
+
+
+def test_tinyworld_benchmarks(tmp_path):
+    from phi4_nb.world import World, build_world
+    from phi4_nb.decontam import tinyworld_benchmarks
+    w = World(seed=3)
+    bs = tinyworld_benchmarks(w)
+    assert all(b.name.startswith('tinyworld-') and len(b) for b in bs)
+    code = next(b for b in bs if b.name == 'tinyworld-code').items[0]
+    assert code['canonical_solution'] in code['text'] and code['text'].count(code['canonical_solution']) == 1
+    ix = DecontamIndex(bs)
+    assert check(ix, 'From a forum: ' + code['text'])['status'] == 'contaminated'
+    with pytest.raises(FileNotFoundError, match='no TinyWorld test sets'): tinyworld_benchmarks(tmp_path)
