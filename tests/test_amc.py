@@ -56,7 +56,8 @@ def test_converter_answer_forms_and_errors():
 def test_prompt_has_scoring_rule_and_options():
     p = amc_prompt(mc_to_amc(tinyworld_mc(1))[0])
     assert "SCORING: 6 points for each correct answer, 1.5 points for each problem left unanswered, 0 points for each incorrect answer." in p
-    assert "\\boxed{blank}" in p and "# Question" in p and "(E) None of these" in p
+    assert "\\boxed{blank}" in p and "# Question" in p and "(E) None of these" in p and "one of 25 questions on a multiple-choice math" in p
+    assert "one of 20 questions on a multiple-choice general-knowledge test" in amc_prompt(mc_to_amc(tinyworld_mc(1))[0], 20, "general-knowledge")
 
 # ---------------------------------------------------------------- extraction
 CH = dict(A="12", B="\\frac{3}{4}", C="\\sqrt{2}", D="7", E="none of these")
@@ -144,3 +145,15 @@ def test_plot_keeps_reference_separate():
     assert [t.get_text() for t in ax_ref.get_xticklabels()] == list(PAPER_AMC)
     assert "reference" in ax_ref.get_title() and PAPER_AMC["phi-4"] == 91.8
     assert len(plot_amc({"ours": (80.0, 4.0)}, reference=None).axes) == 1
+
+def test_real_tinyworld_mc_set(tmp_path):
+    world = pytest.importorskip("phi4_nb.world")
+    try: mc = world.World(seed=0).test_set("mc")
+    except Exception as e: pytest.skip(f"TinyWorld unavailable: {e!r}")
+    probs = mc_to_amc(mc, prefix="tw")
+    assert all(p["answer"] == m["answer"] and p["choices"]["E"] == m["choices"][4] for p, m in zip(probs, mc))
+    key = {p["problem"]: p["answer"] for p in probs}
+    gen = FakeGenerator(lambda t, i, r: next(f"\\boxed{{{a}}}" for q, a in key.items() if q in t) if i % 2 else "\\boxed{blank}")
+    res = run_amc(gen, "half-right", probs, tmp_path, n=2, subject="general-knowledge", progress=False)
+    n = len(probs)
+    assert res["config"]["n_questions"] == min(n, 25) and res["metrics"]["expected_score"] == pytest.approx(n * (6 + 1.5) / 2 / max(1, math.ceil(n / 25)), rel=0.2)

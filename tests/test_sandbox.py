@@ -99,8 +99,11 @@ def test_writes_outside_workdir_uid_layer_alone(tmp_path):
     "Without the mount namespace the uid still stops raw (ctypes) writes into a 0700 directory."
     os.chmod(tmp_path, 0o755)                  # even a directory others may read, but not write
     if not os.access("/usr/bin/python3", os.X_OK): pytest.skip("needs an interpreter outside /root")
-    with pytest.raises(ValueError): run_program("pass", layers=dict(mountns=False))   # ours is hidden in /root
-    r = _check_fs(tmp_path, layers=dict(mountns=False), python="/usr/bin/python3", tmp_protected=False)
+    if LAYERS["mountns"]:   # ours is hidden in /root: asking for uid without the mount namespace is refused...
+        with pytest.raises(ValueError): run_program("pass", layers=dict(mountns=False, uid=True))
+        deg = run_program("pass", layers=dict(mountns=False))     # ...and silently degrades when not asked for
+        assert deg.passed and "uid" not in deg.layers and "nofork" in deg.layers
+    r = _check_fs(tmp_path, layers=dict(mountns=False, uid=True), python="/usr/bin/python3", tmp_protected=False)
     assert "uid" in r.layers and "mountns" not in r.layers
     succeeded = r.stdout.split("SUCCEEDED:")[1]
     assert "raw create" not in succeeded and "raw unlink" not in succeeded and "raw truncate" not in succeeded
@@ -236,3 +239,14 @@ def test_humaneval_canonical_all_pass_and_wrong_ones_fail():
 def test_bad_input():
     with pytest.raises(TypeError): run_program(b"print(1)")
     with pytest.raises(FileNotFoundError): load_humaneval("/nonexistent/HumanEval.jsonl")
+
+def test_degraded_root_mode_blocks_forks():
+    "As root without the uid layer RLIMIT_NPROC does not bind, so process creation is refused in Python."
+    if os.geteuid() != 0: pytest.skip("root only")
+    r = run_program(prog("""
+        import os, subprocess
+        for fn in (os.fork, lambda: subprocess.run(["true"]), lambda: os.system("true")):
+            try: fn(); raise SystemExit(3)
+            except PermissionError: pass
+    """), layers=dict(uid=False, mountns=False))
+    assert r.passed and "nofork" in r.layers, r
