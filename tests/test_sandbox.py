@@ -213,11 +213,23 @@ def test_reading_the_nonce_fails():
         for o in gc.get_objects():
             try: scan(o) if isinstance(o, (dict, list, tuple)) else None
             except Exception: pass
-        cfg = json.loads(open("/proc/self/cmdline", "rb").read().split(b"\\0")[3])
+        cfg = json.loads(open("/proc/self/cmdline", "rb").read().split(b"\\0")[4])
         for n in found: os.write(cfg["res_fd"], ("DONE " + n + "\\n").encode())
+        print(len(found), "candidates replayed", flush=True)
         os._exit(0)
     """), timeout=10)
-    assert r.status == "failed", r
+    assert r.returncode == 0 and "candidates replayed" in r.stdout, r     # the attack ran to the end...
+    assert r.status == "failed", r                                        # ...and was rejected
+
+def test_known_limit_reading_the_nonce_pipe_forges_a_pass():
+    "Documented limit: the marker catches premature exits, not a program that reads the harness's own pipe."
+    r = run_program(prog("""
+        import os, json
+        cfg = json.loads(open("/proc/self/cmdline", "rb").read().split(b"\\0")[4])
+        os.write(cfg["res_fd"], b"DONE " + os.read(cfg["nonce_fd"], 64) + b"\\n")
+        os._exit(0)
+    """))
+    assert r.status == "passed"     # if this ever fails, the limit was closed: update the notebook's prose
 
 def test_humaneval_canonical_all_pass_and_wrong_ones_fail():
     probs = load_humaneval()
