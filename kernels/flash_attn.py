@@ -222,18 +222,24 @@ def _bwd_delta_kernel(O, DO, DELTA, CU_Q,
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, stride_dot,
                     offs_n, offs_m0, offs_d, lo, hi, len_q, len_k, diag, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (transposed scores)."""
+                    MASK: tl.constexpr, CHECK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                    PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (transposed scores).
+    MASK applies the causal/key-range mask; CHECK_ROWS guards loads of query rows past the sequence end."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d,
-                       HEAD_DIM, BLOCK_D, True)
+                       HEAD_DIM, BLOCK_D, CHECK_ROWS)
         do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, len_q, offs_d,
-                        HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(l_base + offs_m, mask=offs_m < len_q, other=float("inf")).to(ACC) * 1.4426950408889634
+                        HEAD_DIM, BLOCK_D, CHECK_ROWS)
+        if CHECK_ROWS:
+            lse2 = tl.load(l_base + offs_m, mask=offs_m < len_q, other=float("inf")).to(ACC) * 1.4426950408889634
+            delta = tl.load(d_base + offs_m, mask=offs_m < len_q, other=0.0).to(ACC)
+        else:
+            lse2 = tl.load(l_base + offs_m).to(ACC) * 1.4426950408889634
+            delta = tl.load(d_base + offs_m).to(ACC)
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that saw nothing: p = 0
-        delta = tl.load(d_base + offs_m, mask=offs_m < len_q, other=0.0).to(ACC)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -305,10 +311,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         d_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, stride_dot,
                                  offs_n, offs_m0, offs_d, lo, full, len_q, len_k, diag, qk_scale,
-                                 True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC)
+                                 True, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, stride_dot,
                                  offs_n, offs_m0, offs_d, full, m_end, len_q, len_k, diag, qk_scale,
-                                 False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC)
+                                 False, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC)
     dk = dk * sm_scale
     _store_rows(DK + b64 * stride_dkb + k_start * stride_dkt + hk * stride_dkh
                 + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), offs_n, len_k,
@@ -412,46 +418,52 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 
 # --------------------------------------------------------------------------------------------------------------------
 # Configurations: one fixed tile per head dim by default (and always under the interpreter); a short autotune list
-# on CUDA devices. Hopper notes: 128-row query tiles, 8 warps only for tiles of at least 128x128, 2-4 stages.
+# per head dim on CUDA devices. The lists were chosen by compiling every candidate for sm_90 (Hopper) and keeping
+# those that pipeline their loads (cp.async) and fit in 255 registers without spilling, or spill least:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # --------------------------------------------------------------------------------------------------------------------
 
+_SPACE = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
+                 (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                  (64, 64, 4, 2), (128, 32, 4, 3)],
+            256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)]},
+    "bwd_dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)],
+                 128: [(32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+                 256: [(32, 64, 4, 2), (32, 64, 8, 2)]},
+    "bwd_dq": {64: [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)],
+               128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2),
+                     (64, 32, 4, 2)],
+               256: [(64, 32, 4, 2), (64, 64, 8, 2)]},
+}
+
+
+def _dim_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
 def _default_config(kind: str, block_d: int):
-    "(BLOCK_M, BLOCK_N, num_warps, num_stages) used when not autotuning."
-    if kind == "fwd":
-        if block_d <= 64: return (128, 64, 4, 3)
-        if block_d <= 128: return (128, 64, 8, 3)
-        return (64, 32, 4, 2)
-    if kind == "bwd_dkdv":
-        if block_d <= 64: return (64, 128, 8, 3)
-        if block_d <= 128: return (64, 128, 8, 2)
-        return (32, 64, 4, 2)
-    if kind == "bwd_dq":
-        if block_d <= 64: return (128, 64, 8, 3)
-        if block_d <= 128: return (128, 64, 8, 2)
-        return (64, 32, 4, 2)
-    raise ValueError(kind)
+    "(BLOCK_M, BLOCK_N, num_warps, num_stages) used when not autotuning: the first entry of the head dim's list."
+    if kind not in _SPACE:
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    return _SPACE[kind][_dim_class(block_d)][0]
 
 
 def _tune_space(kind: str):
-    if kind == "fwd":
-        return [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
-                (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
-    if kind == "bwd_dkdv":
-        return [(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                (128, 128, 8, 2), (64, 128, 4, 2)]
-    return [(128, 32, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
-            (128, 128, 8, 2), (64, 128, 4, 2)]
+    "Union of the per-head-dim lists (the autotuner prunes to the current head dim's list)."
+    out = []
+    for lst in _SPACE[kind].values():
+        out += [c for c in lst if c not in out]
+    return out
 
 
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
-        bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
-        out = []
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            if bd > 128 and bm * bn > 64 * 64: continue  # registers/shared memory for head dim 256
-            if bd >= 128 and c.num_stages > 3 and bn >= 128: continue
-            out.append(c)
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+        allowed = set(_SPACE[kind][_dim_class(bd)])
+        out = [c for c in configs
+               if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
         return out or configs[:1]
     return prune
 
