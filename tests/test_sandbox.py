@@ -5,7 +5,8 @@ import pytest
 from phi4_nb.sandbox import run_program, run_many, probe_layers, load_humaneval, humaneval_program, _pids_of_uid
 
 LAYERS = probe_layers()
-needs_root = pytest.mark.skipif(not LAYERS["uid"], reason="uid/mount-namespace layers need root")
+IN_EFFECT = run_program("pass").layers          # what a default run really gets here
+needs_root = pytest.mark.skipif(not {"uid", "mountns"} <= set(IN_EFFECT), reason="uid/mount-namespace layers need root")
 
 def prog(s): return textwrap.dedent(s)
 
@@ -94,7 +95,7 @@ def test_writes_outside_workdir_all_layers(tmp_path):
     # the only "success" is a write to /tmp, which lands in the program's private tmpfs (checked absent above)
     assert "SUCCEEDED: ['raw tmp']" in r.stdout, r.stdout
 
-@needs_root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_writes_outside_workdir_uid_layer_alone(tmp_path):
     "Without the mount namespace the uid still stops raw (ctypes) writes into a 0700 directory."
     os.chmod(tmp_path, 0o755)                  # even a directory others may read, but not write
@@ -151,7 +152,7 @@ except OSError as e:
 def _no_connection(listener):
     with pytest.raises(socket.timeout): listener.accept()
 
-@pytest.mark.skipif(not LAYERS["netns"], reason="no network namespace here")
+@pytest.mark.skipif("netns" not in IN_EFFECT, reason="no network namespace here")
 def test_socket_blocked_by_netns(listener):
     r = run_program(SOCK.format(port=listener.getsockname()[1]))
     assert "netns" in r.layers and "CONNECTED" not in r.stdout
@@ -247,6 +248,9 @@ def test_humaneval_canonical_all_pass_and_wrong_ones_fail():
     tweaked = [p["canonical_solution"].replace("return ", "return 1 + ", 1) for p in probs[10:14]]
     res = run_many([humaneval_program(p, c) for p, c in zip(probs[10:14], tweaked)], workers=4, progress=False)
     assert not any(r.passed for r in res)
+
+def test_setup_failure_is_error_not_failed():
+    assert run_program("pass", memory_mb=8).status == "error"        # the interpreter cannot even start its wrapper
 
 def test_bad_input():
     with pytest.raises(TypeError): run_program(b"print(1)")
