@@ -187,3 +187,24 @@ def test_loader_bad_inputs(corpus):
     m = Mixture.from_dict({'a': (0.5, 1e9), 'b': (0.3, 1e9), 'c': (0.2, 1e9)}, 5_000)
     dl = PackedLoader(corpus, m, seq_len=15, batch_size=2)
     assert dl.mixture['a'].unique_tokens == load_manifest(corpus)['sources']['a']['n_tokens']
+
+
+def test_real_bytelevel_bpe_tokenizer(tmp_path):
+    "A `tokenizers` ByteLevel BPE (batched path, <|endoftext|> found by name) and the project's HF wrapper give the same shards."
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    texts = [f'def f{i}(x):\n    return x * {i}  # item {i}' for i in range(200)]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=['<|endoftext|>'],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eos = raw.token_to_id('<|endoftext|>')
+    e = tokenize_source(texts, raw, tmp_path, 'code', progress=False)
+    assert e['eos_id'] == eos and e['n_docs'] == 200
+    toks = np.memmap(tmp_path/'code'/e['shards'][0]['bin'], dtype=np.uint16, mode='r')
+    off = np.load(tmp_path/'code'/e['shards'][0]['idx'])
+    assert raw.decode(toks[off[5]:off[6] - 1].tolist()) == texts[5] and toks[off[6] - 1] == eos
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw)
+    e2 = tokenize_source(texts, hf, tmp_path/'hf', 'code', progress=False)
+    assert e2['shards'][0]['sha256'] == e['shards'][0]['sha256'] and e2['tokenizer'] == e['tokenizer']
