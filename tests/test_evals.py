@@ -239,3 +239,33 @@ def test_humaneval_task_in_sandbox(tmp_path):
     assert res["metrics"]["pass@4"] == pytest.approx(5 / 6)
     assert res["metrics"]["pass@2"] == pytest.approx(5 / 6 * (1 - 1 / 6))
     assert {s["status"] for s in res["samples"] if s["item_id"] == "HumanEval/5"} == {"failed"}
+
+def test_rescore_with_another_judge_without_generation(tmp_path):
+    from phi4_nb.evals import rescore
+    items = arith_items(6)
+    gen = FakeGenerator(arith_reply)
+    first = run_eval(MathTask(), gen, "m", items, tmp_path / "a", n=3, progress=False)
+    calls = gen.calls
+    lenient = GeneratorJudge(FakeGenerator(lambda t, i, r: "Yes"), "yes-man", "equality")
+    for src in (tmp_path / "a" / "m" / "math.json", tmp_path / "a" / "m" / "math.samples.jsonl", first):
+        again = rescore(MathTask(judge=lenient, judge_workers=4), src, items, tmp_path / "b", n_boot=100)
+        assert gen.calls == calls and again["metrics"]["accuracy"] == 1.0
+        assert [s["completion"] for s in again["samples"]] == [s["completion"] for s in first["samples"]]
+        assert again["judge_ids"]["equality"] == lenient.id and "rescored_from" in again["config"]
+    same = rescore(MathTask(), first, items, tmp_path / "c", n_boot=1000)
+    assert same["metrics"] == first["metrics"] and [s["correct"] for s in same["samples"]] == [s["correct"] for s in first["samples"]]
+    with pytest.raises(MixedJudgesError): results_table([first, again])
+    with pytest.raises(ValueError): rescore(MathTask(), first, arith_items(8), tmp_path / "d")   # items without completions
+
+def test_threaded_judge_scoring_keeps_order(tmp_path):
+    import threading, time as _t
+    seen = set()
+    def reply(t, i, r):
+        seen.add(threading.get_ident()); _t.sleep(0.01)
+        return "A" if "Gold answer: City0" in t or "Gold answer: City2" in t else "B"
+    judge = GeneratorJudge(FakeGenerator(reply), "slow-grader", "simpleqa")
+    items = tinyworld_simpleqa(8)
+    res = run_eval(SimpleQATask(judge=judge, judge_workers=4), FakeGenerator(lambda t, i, r: "Something."), "m", items,
+                   tmp_path, n=1, progress=False)
+    assert [s["grade"] for s in res["samples"]] == ["correct", "incorrect", "correct"] + ["incorrect"] * 5
+    assert len(seen) > 1
