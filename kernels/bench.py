@@ -67,6 +67,26 @@ def _write_csv_atomic(path: Path, rows: list[dict]):
     os.replace(tmp, path)
 
 
+_KEY = ("impl", "batch", "seqlen", "heads", "kv_heads", "head_dim", "causal", "dtype")
+
+
+def _row_key(r: dict) -> tuple:
+    return tuple(str(r.get(k, "")) for k in _KEY)
+
+
+def _previous_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _merge(old: list[dict], new: list[dict]) -> list[dict]:
+    "Earlier rows whose shape/implementation was not re-measured, then the new rows."
+    fresh = {_row_key(r) for r in new}
+    return [r for r in old if _row_key(r) not in fresh] + new
+
+
 def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
@@ -153,10 +173,20 @@ def bench_shape(kernels, impl: str, B: int, T: int, H: int, Hk: int, D: int, cau
     try:
         fn, layout, note = _make_impl(impl, kernels, causal, T, H, Hk, device)
         g = torch.Generator(device=device).manual_seed(0)
-        shape_q, shape_kv = ((B, T, H, D), (B, T, Hk, D)) if layout == "bthd" else ((B, H, T, D), (B, Hk, T, D))
-        q = torch.randn(shape_q, device=device, dtype=dtype, generator=g).requires_grad_(backward)
-        k = torch.randn(shape_kv, device=device, dtype=dtype, generator=g).requires_grad_(backward)
-        v = torch.randn(shape_kv, device=device, dtype=dtype, generator=g).requires_grad_(backward)
+
+        def make(hk):
+            shape_q, shape_kv = ((B, T, H, D), (B, T, hk, D)) if layout == "bthd" else ((B, H, T, D), (B, hk, T, D))
+            return [torch.randn(s, device=device, dtype=dtype, generator=g).requires_grad_(backward)
+                    for s in (shape_q, shape_kv, shape_kv)]
+        q, k, v = make(Hk)
+        if impl.startswith("sdpa") and H != Hk:
+            try:
+                with torch.no_grad():
+                    fn(q, k, v)
+            except RuntimeError:  # this backend has no native GQA: give it K/V already repeated (not timed)
+                fn, _, _ = _make_impl(impl, kernels, causal, T, H, H, device)
+                q, k, v = make(H)
+                note = "K/V expanded to all heads (no native GQA)"
         with torch.no_grad():
             fwd_ms = _bench(lambda: fn(q, k, v), interpret)
         row["fwd_ms"] = round(fwd_ms, 4)
@@ -301,6 +331,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-bwd", action="store_true", help="forward only")
     p.add_argument("--e2e", action="store_true", help="also time a training step of the gpu preset (sdpa vs triton)")
     p.add_argument("--out-dir", default=None, help="where the CSV goes (default reports/data/bench)")
+    p.add_argument("--append", action="store_true",
+                   help="keep rows of an earlier run in the CSV (rows of the shapes measured now are replaced), "
+                        "so a sweep can be split over several invocations")
     args = p.parse_args(argv)
 
     if args.interpret:
@@ -336,6 +369,7 @@ def main(argv=None) -> int:
     slug = _device_slug(dev_name)
     csv_path = out_dir / f"attention_{slug}.csv"
     rows = []
+    kept = _previous_rows(csv_path) if args.append else []
     for shape in shapes:
         B, T, H, Hk, D, causal = shape
         for impl in impls:
@@ -345,7 +379,7 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"  {impl:>15} B={B} T={T} H={H}/{Hk} D={D} causal={causal}: fwd {r.get('fwd_tflops', '-')} "
                   f"bwd {r.get('bwd_tflops', '-')} TFLOP/s {r.get('note', '')}", flush=True)
-        _write_csv_atomic(csv_path, rows)
+        _write_csv_atomic(csv_path, _merge(kept, rows))
     if device == "cuda":
         (out_dir / f"attention_{slug}_env.json").write_text(json.dumps(env, indent=2))
     print()
