@@ -207,4 +207,4 @@ def test_real_bytelevel_bpe_tokenizer(tmp_path):
     from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast(tokenizer_object=raw)
     e2 = tokenize_source(texts, hf, tmp_path/'hf', 'code', progress=False)
-    assert e2['shards'][0]['sha256'] == e['shards'][0]['sha256'] and e2['tokenizer'] == e['tokenizer']
+    assert e2['shards'][0]['sha256'] == e['shards'][0]['sha256']  # same ids through the HF wrapper's batched path
