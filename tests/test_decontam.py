@@ -151,3 +151,14 @@ def test_tinyworld_benchmarks(tmp_path):
     ix = DecontamIndex(bs)
     assert check(ix, 'From a forum: ' + code['text'])['status'] == 'contaminated'
     with pytest.raises(FileNotFoundError, match='no TinyWorld test sets'): tinyworld_benchmarks(tmp_path)
+
+
+def test_7gram_ratio_with_short_items_present():
+    "Short items add shorter gram lengths to the probe; the 7-gram overlap of normal items must still count."
+    item = ' '.join(WORDS[:16])
+    ix = DecontamIndex([_bench(item, 'Compute 8 choose 4.', 'why')], info_7gram_threshold=0.2, contaminated_7gram_threshold=0.3)
+    assert ix.lens7 == [1, 4, 7] and len(ix.short7) == 2
+    three = ' '.join(WORDS[:9]) + ' ' + ' '.join(f'f{i}' for i in range(20))
+    r = check(ix, three)
+    assert (r['status'], r['reason'], r['items']) == ('contaminated', '7-gram', ['b/0'])
+    assert check(ix, 'and why not compute 8 choose 4')['items'] == ['b/1', 'b/2']
