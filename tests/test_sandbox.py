@@ -34,8 +34,10 @@ def test_fork_bomb_is_contained_and_killed():
 def test_setsid_escapee_is_killed_after_the_run():
     r = run_program(prog("""
         import os, time
+        r, w = os.pipe()
         if os.fork() == 0:
-            os.setsid(); time.sleep(600)
+            os.setsid(); os.write(w, b"x"); time.sleep(600)
+        os.read(r, 1)                       # the child has left our session before we exit
         assert True
     """), timeout=3)
     assert r.stragglers >= 1 and _pids_of_uid(r.uid) == []
@@ -236,7 +238,7 @@ def test_humaneval_canonical_all_pass_and_wrong_ones_fail():
     probs = load_humaneval()
     assert len(probs) == 164
     t0 = time.monotonic()
-    res = run_many([humaneval_program(p, p["canonical_solution"]) for p in probs], workers=4, progress=False)
+    res = run_many([humaneval_program(p, p["canonical_solution"]) for p in probs], workers=4, timeout=10, progress=False)
     dt = time.monotonic() - t0
     bad = [(p["task_id"], r.status, r.stderr[-300:]) for p, r in zip(probs, res) if not r.passed]
     assert bad == []
@@ -266,3 +268,12 @@ def test_degraded_root_mode_blocks_forks():
             except PermissionError: pass
     """), layers=dict(uid=False, mountns=False))
     assert r.passed and "nofork" in r.layers, r
+
+def test_nothing_left_behind(tmp_path):
+    before = set(os.listdir(tmp_path))
+    rs = [run_program(c, base_dir=str(tmp_path)) for c in ("open('x', 'w').write('1')", "while True: pass", "import os; os._exit(0)")]
+    assert [r.status for r in rs] == ["passed", "timeout", "failed"]
+    assert set(os.listdir(tmp_path)) == before and all(not os.path.exists(r.workdir) for r in rs)
+    n_fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(5): run_program("pass")
+    assert len(os.listdir("/proc/self/fd")) == n_fds                 # no descriptor leaks
