@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 FIELDS = ["device", "torch", "triton", "impl", "batch", "seqlen", "heads", "kv_heads", "head_dim", "causal", "dtype",
           "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops", "note"]
-IMPLS = ["triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex"]
+IMPLS = ["triton", "triton_tma", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex"]
 
 
 def attention_flops(batch: int, seqlen_q: int, seqlen_k: int, heads: int, head_dim: int, causal: bool,
@@ -123,7 +123,7 @@ def _bench(fn: Callable, interpret: bool, grad_to_none=None, rep_ms: int = 100) 
     if interpret:
         fn()
         ts = []
-        for _ in range(3):
+        for _ in range(2):
             for t in grad_to_none or []:
                 t.grad = None
             t0 = time.perf_counter()
@@ -140,6 +140,16 @@ def _make_impl(name: str, kernels, causal: bool, T: int, H: int, Hk: int, device
     import torch.nn.functional as F
     if name == "triton":
         return (lambda q, k, v: kernels.flash_attn_func(q, k, v, causal=causal)), "bthd", ""
+    if name == "triton_tma":  # forward K/V through TMA descriptors (opt-in path)
+        from phi4_kernels import flash_attn as fa
+
+        def run(q, k, v):
+            old, fa.USE_TMA = fa.USE_TMA, True
+            try:
+                return kernels.flash_attn_func(q, k, v, causal=causal)
+            finally:
+                fa.USE_TMA = old
+        return run, "bthd", "forward loads via TMA descriptors"
     if name.startswith("sdpa"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -351,8 +361,8 @@ def main(argv=None) -> int:
     impls = [s for s in args.impls.split(",") if s]
     if args.interpret:
         device, dtype, dev_name = "cpu", torch.float32, "interpret"
-        shapes = [(1, 64, 2, 1, 32, True), (1, 64, 2, 2, 32, False)]
-        impls = ["triton", "sdpa_math"]
+        shapes = [(1, 64, 2, 1, 32, True)]
+        impls = ["triton", "triton_tma", "sdpa_math"]
     else:
         device, dtype, dev_name = "cuda", getattr(torch, args.dtype), torch.cuda.get_device_name()
         shapes = sweep_shapes(args.quick)

@@ -60,7 +60,8 @@ def _divisibility(fn, consts):
             if name not in consts and (name.isupper() or name.startswith("stride_"))}
 
 
-def compile_kernel(kind: str, head_dim: int, causal: bool, varlen: bool, cfg, arch: int = 90, dtype: str = "bf16"):
+def compile_kernel(kind: str, head_dim: int, causal: bool, varlen: bool, cfg, arch: int = 90, dtype: str = "bf16",
+                   tma: bool = False):
     "Compile one kernel for `sm_<arch>`; returns a dict of compiler facts."
     import triton
     import triton.language as tl
@@ -71,11 +72,14 @@ def compile_kernel(kind: str, head_dim: int, causal: bool, varlen: bool, cfg, ar
     bm, bn, warps, stages = cfg
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn,
                   CAUSAL=causal, VARLEN=varlen, UPCAST=False, ACC=tl.float32, PREC="tf32")
+    if kind == "fwd":
+        consts["TMA"] = bool(tma)
     src = ASTSource(fn, _signature(fn, consts, dtype), constexprs=consts, attrs=_divisibility(fn, consts))
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     ptx = k.asm["ptx"]
     out = dict(kind=kind, head_dim=head_dim, causal=causal, varlen=varlen, config=list(cfg), shared=k.metadata.shared,
-               wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"), cp_async=ptx.count("cp.async"))
+               wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+               cp_async=ptx.count("cp.async") - ptx.count("cp.async.bulk"), tma=ptx.count("cp.async.bulk.tensor"))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if tool.exists():
         with tempfile.TemporaryDirectory() as d:
@@ -96,6 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--all", action="store_true", help="every autotune candidate, not only the default tile")
     p.add_argument("--non-causal", action="store_true")
     p.add_argument("--varlen", action="store_true")
+    p.add_argument("--tma", action="store_true", help="forward with tensor-descriptor (TMA) loads")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = p.parse_args(argv)
     fa = _kernels_module()
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
             cfgs = fa._SPACE[kind][bd] if args.all else [fa._default_config(kind, d)]
             for cfg in cfgs:
                 try:
-                    r = compile_kernel(kind, d, not args.non_causal, args.varlen, cfg, args.arch)
+                    r = compile_kernel(kind, d, not args.non_causal, args.varlen, cfg, args.arch, tma=args.tma)
                 except Exception as e:  # report and go on
                     failed += 1
                     r = dict(kind=kind, head_dim=d, config=list(cfg), error=f"{type(e).__name__}: {e}"[:500])

@@ -34,6 +34,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Opt-in: forward K/V loads through in-kernel TMA tensor descriptors (Hopper and newer). Off by default until it is
+# measured against the pointer path on a GPU; `PHI4_KERNELS_TMA=1` (or setting this flag) turns it on.
+USE_TMA = os.environ.get("PHI4_KERNELS_TMA", "0") == "1"
+
+
+def _tma_ok(q, k, v) -> bool:
+    "Descriptor requirements: 16-byte aligned bases and row strides, head dim a multiple of 16 bytes."
+    if not USE_TMA or not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+        return False
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    if q.device.type != "cuda" and not interpreting():
+        return False
+    es = k.element_size()
+    return all(t.data_ptr() % 16 == 0 and (t.stride(-3) * es) % 16 == 0 and (t.stride(-2) * es) % 16 == 0
+               for t in (k, v)) and (k.shape[-1] * es) % 16 == 0 and k.shape[-1] == triton.next_power_of_2(k.shape[-1])
+
+
+def _set_tma_allocator(device):
+    "Scratch memory for in-kernel descriptors."
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
 def _autotune_enabled() -> bool:
     return (not interpreting()) and torch.cuda.is_available() and os.environ.get("PHI4_KERNELS_AUTOTUNE", "1") != "0"
 
@@ -90,14 +113,20 @@ def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
                lo, hi, len_k, diag, qk_scale,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Online-softmax sweep over key blocks [lo, hi). MASK=False is the fast path for fully visible blocks."""
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+               TMA: tl.constexpr):
+    """Online-softmax sweep over key blocks [lo, hi). MASK=False is the fast path for fully visible blocks.
+    With TMA, k_base/v_base are tensor descriptors bounded by the sequence (out-of-range rows read as zero)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d,
-                       HEAD_DIM, BLOCK_D, MASK)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d,
-                       HEAD_DIM, BLOCK_D, MASK)
+        if TMA:
+            k = k_base.load([start_n, 0])
+            v = v_base.load([start_n, 0])
+        else:
+            k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d,
+                           HEAD_DIM, BLOCK_D, MASK)
+            v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d,
+                           HEAD_DIM, BLOCK_D, MASK)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -131,7 +160,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 seqlen_q, seqlen_k, n_heads, qk_scale, SEQ_BUCKET,
                 GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
@@ -173,12 +202,20 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     else:
         hi = len_k
         full = len_k // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
+    if TMA:  # Hopper bulk copies; the descriptor's bounds make the ragged tail read as zeros
+        k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_src = k_base
+        v_src = v_base
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
                                0, full, len_k, diag, qk_scale,
-                               False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
+                               False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
                                full, hi, len_k, diag, qk_scale,
-                               True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC)
+                               True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC, TMA)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
@@ -468,7 +505,7 @@ def _prune(kind):
     return prune
 
 
-_KEYS = ["HEAD_DIM", "CAUSAL", "GROUP", "VARLEN", "SEQ_BUCKET"]
+_KEYS = ["HEAD_DIM", "CAUSAL", "GROUP", "VARLEN", "SEQ_BUCKET", "TMA"]  # (+ dtypes; keys a kernel lacks are skipped)
 _TUNED = {}
 
 
@@ -603,6 +640,9 @@ def attn_fwd(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: f
         lse.fill_(float("-inf"))
         return out, lse
     meta = _common_meta(q, k, causal, varlen)
+    if _tma_ok(q, k, v):
+        meta["TMA"] = True
+        _set_tma_allocator(q.device)
     dummy = cu_q if varlen else q
     args = (q, k, v, out, lse, cu_q if varlen else dummy, cu_k if varlen else dummy,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen), *lstr,

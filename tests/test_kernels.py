@@ -140,6 +140,25 @@ def test_unequal_block_sizes(blocks, monkeypatch):
     _run_case(1, 70, 45, 2, 1, 16, True, torch.float32)
 
 
+def test_tma_forward(monkeypatch):
+    "The opt-in forward path that loads K/V through tensor descriptors (TMA on Hopper) gives the same results."
+    if CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90+")
+    monkeypatch.setattr(fa, "USE_TMA", True)
+    q, k, v = _inputs([(2, 45, 4, 32), (2, 70, 2, 32), (2, 70, 2, 32)], torch.float32, seed=12)
+    assert fa._tma_ok(q.float(), k.float(), v.float())
+    for causal in (True, False):
+        out, lse = flash_attn_func(q.float(), k.float(), v.float(), causal=causal, return_lse=True)
+        ref, rlse = ref_attention(q, k, v, causal)
+        assert (out.double() - ref).abs().max().item() < 1e-5
+        assert _max_err(lse, rlse) < 1e-5
+    cu = torch.tensor([0, 30, 45, 90], dtype=torch.int32, device=DEV)
+    qp, kp, vp = (t.float().reshape(-1, t.shape[2], 32) for t in (q, q[:, :, :2], q[:, :, 2:]))
+    out = flash_attn_varlen_func(qp, kp, vp, cu, cu, 45, 45, causal=True)
+    ref, _ = ref_varlen(qp.double(), kp.double(), vp.double(), cu, cu, True)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+
+
 def test_softmax_scale_and_layout():
     "An explicit scale, and non-contiguous (B, H, T, D)-transposed inputs as the model passes them."
     q, k, v = _inputs([(1, 4, 40, 32), (1, 2, 40, 32), (1, 2, 40, 32)], torch.float32, seed=3)
@@ -302,7 +321,7 @@ def test_bench_interpret_smoke(tmp_path):
     csvs = list(tmp_path.glob("attention_*.csv"))
     assert len(csvs) == 1
     lines = csvs[0].read_text().strip().splitlines()
-    assert lines[0].startswith("device,") and len(lines) >= 3
+    assert lines[0].startswith("device,") and len(lines) == 4  # header + triton, triton_tma, sdpa_math
     assert "triton" in r.stdout
     r2 = subprocess.run([sys.executable, str(root / "kernels" / "bench.py"), "--out-dir", str(tmp_path)],
                         capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
@@ -318,15 +337,14 @@ def test_hopper_compile():
         pytest.skip("Triton's bundled ptxas is missing")
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(root / "kernels" / "compile_check.py"), "--json", "--head-dims", "128,80"],
+    r = subprocess.run([sys.executable, str(root / "kernels" / "compile_check.py"), "--json", "--head-dims", "128"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 6
+    assert len(rows) == 3
     for row in rows:
         assert row["wgmma"] > 0 and row["mma_sync"] == 0, row
-        if row["head_dim"] == 128:
-            assert row["cp_async"] > 0, row  # software-pipelined loads
+        assert row["cp_async"] > 0, row  # software-pipelined loads
         if "stack" in row and row["kind"] != "bwd_dkdv":
             assert row["stack"] == 0, row
 
