@@ -85,6 +85,7 @@ def test_bad_parameters_and_documents(tmp_path):
     ix = DecontamIndex([b])
     with pytest.raises(ValueError, match="'text'"): list(decontaminate([{'body': 'x'}], ix, progress=False))
     with pytest.raises(ValueError, match="'text'"): list(decontaminate([3], ix, progress=False))
+    with pytest.raises(ValueError, match="document 20"): list(decontaminate(['fine'] * 20 + [{'x': 1}], ix, progress=False, workers=2))
     with pytest.raises(FileNotFoundError): DecontamIndex.load(tmp_path/'none.pkl')
     (tmp_path/'bad.pkl').write_bytes(pickle.dumps({'not': 'an index'}))
     with pytest.raises(ValueError, match='DecontamIndex'): DecontamIndex.load(tmp_path/'bad.pkl')
