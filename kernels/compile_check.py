@@ -72,8 +72,7 @@ def compile_kernel(kind: str, head_dim: int, causal: bool, varlen: bool, cfg, ar
     bm, bn, warps, stages = cfg
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=bm, BLOCK_N=bn,
                   CAUSAL=causal, VARLEN=varlen, UPCAST=False, ACC=tl.float32, PREC="tf32")
-    if kind == "fwd":
-        consts["TMA"] = bool(tma)
+    consts["TMA"] = bool(tma)
     src = ASTSource(fn, _signature(fn, consts, dtype), constexprs=consts, attrs=_divisibility(fn, consts))
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     ptx = k.asm["ptx"]

@@ -49,7 +49,7 @@ def _tma_ok(q, k, v) -> bool:
         return False
     es = k.element_size()
     return all(t.data_ptr() % 16 == 0 and (t.stride(-3) * es) % 16 == 0 and (t.stride(-2) * es) % 16 == 0
-               for t in (k, v)) and (k.shape[-1] * es) % 16 == 0 and k.shape[-1] == triton.next_power_of_2(k.shape[-1])
+               for t in (q, k, v)) and (k.shape[-1] * es) % 16 == 0 and k.shape[-1] == triton.next_power_of_2(k.shape[-1])
 
 
 def _set_tma_allocator(device):
@@ -261,15 +261,20 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, st
                     offs_n, offs_m0, offs_d, lo, hi, len_q, len_k, diag, qk_scale,
                     MASK: tl.constexpr, CHECK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (transposed scores).
-    MASK applies the causal/key-range mask; CHECK_ROWS guards loads of query rows past the sequence end."""
+    MASK applies the causal/key-range mask; CHECK_ROWS guards loads of query rows past the sequence end.
+    With TMA, q_base/do_base are tensor descriptors bounded by the sequence."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d,
-                       HEAD_DIM, BLOCK_D, CHECK_ROWS)
-        do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, len_q, offs_d,
-                        HEAD_DIM, BLOCK_D, CHECK_ROWS)
+        if TMA:
+            q = q_base.load([start_m, 0])
+            do = do_base.load([start_m, 0])
+        else:
+            q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d,
+                           HEAD_DIM, BLOCK_D, CHECK_ROWS)
+            do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, len_q, offs_d,
+                            HEAD_DIM, BLOCK_D, CHECK_ROWS)
         if CHECK_ROWS:
             lse2 = tl.load(l_base + offs_m, mask=offs_m < len_q, other=float("inf")).to(ACC) * 1.4426950408889634
             delta = tl.load(d_base + offs_m, mask=offs_m < len_q, other=0.0).to(ACC)
@@ -306,7 +311,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      seqlen_q, seqlen_k, n_kv_heads, qk_scale, sm_scale, SEQ_BUCKET,
                      GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                     UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                     UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -346,12 +351,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         do_base = DO + b64 * stride_dob + q_start * stride_dot + h * stride_doh
         l_base = LSE + b64 * stride_lb + h * stride_lh + q_start
         d_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, stride_dot,
+        if TMA:
+            q_src = tl.make_tensor_descriptor(q_base, shape=[len_q, HEAD_DIM], strides=[stride_qt, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
+            do_src = tl.make_tensor_descriptor(do_base, shape=[len_q, HEAD_DIM], strides=[stride_dot, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+        else:
+            q_src = q_base
+            do_src = do_base
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, stride_qt, stride_dot,
                                  offs_n, offs_m0, offs_d, lo, full, len_q, len_k, diag, qk_scale,
-                                 True, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, stride_dot,
+                                 True, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC, TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, stride_qt, stride_dot,
                                  offs_n, offs_m0, offs_d, full, m_end, len_q, len_k, diag, qk_scale,
-                                 False, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC)
+                                 False, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC, TMA)
     dk = dk * sm_scale
     _store_rows(DK + b64 * stride_dkb + k_start * stride_dkt + hk * stride_dkh
                 + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), offs_n, len_k,
@@ -365,13 +378,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
                   offs_m, offs_n0, offs_d, lo, hi, len_k, diag, qk_scale,
                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                  TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d,
-                       HEAD_DIM, BLOCK_D, MASK)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d,
-                       HEAD_DIM, BLOCK_D, MASK)
+        if TMA:
+            k = k_base.load([start_n, 0])
+            v = v_base.load([start_n, 0])
+        else:
+            k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d,
+                           HEAD_DIM, BLOCK_D, MASK)
+            v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d,
+                           HEAD_DIM, BLOCK_D, MASK)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -399,7 +417,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    seqlen_q, seqlen_k, n_heads, qk_scale, sm_scale, SEQ_BUCKET,
                    GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                   UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                   UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
@@ -441,12 +459,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     else:
         hi = len_k
         full = len_k // BLOCK_N * BLOCK_N
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+    if TMA:
+        k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_src = k_base
+        v_src = v_base
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt,
                        offs_m, offs_n0, offs_d, 0, full, len_k, diag, qk_scale,
-                       False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+                       False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC, TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt,
                        offs_m, offs_n0, offs_d, full, hi, len_k, diag, qk_scale,
-                       True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC)
+                       True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC, TMA)
     dq = dq * sm_scale
     _store_rows(DQ + b64 * stride_dqb + q_start * stride_dqt + h * stride_dqh
                 + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), offs_m, len_q,
@@ -671,6 +697,10 @@ def attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal
     if q.numel() == 0 or k.numel() == 0 or batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta = _common_meta(q, k, causal, varlen)
+    bwd_meta = dict(meta)
+    if _tma_ok(q, k, v) and _tma_ok(dout, dout, dout):
+        bwd_meta["TMA"] = True
+        _set_tma_allocator(q.device)
     delta = torch.empty_like(lse)
     dummy = cu_q if varlen else q
     cq, ck = (cu_q, cu_k) if varlen else (dummy, dummy)
@@ -682,8 +712,8 @@ def attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal
         common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen))
         _launch("bwd_dkdv", seqlen_k, batch * hk,
                 (q, k, v, dout, lse, delta, dk, dv, cq, ck, *common, *_strides3(dk, varlen), *_strides3(dv, varlen),
-                 *lstr, seqlen_q, seqlen_k, hk, scale * LOG2E, scale, _bucket(seqlen_k)), meta, meta["BLOCK_D"])
+                 *lstr, seqlen_q, seqlen_k, hk, scale * LOG2E, scale, _bucket(seqlen_k)), bwd_meta, meta["BLOCK_D"])
         _launch("bwd_dq", seqlen_q, batch * h,
                 (q, k, v, dout, lse, delta, dq, cq, ck, *common, *_strides3(dq, varlen), *lstr,
-                 seqlen_q, seqlen_k, h, scale * LOG2E, scale, _bucket(seqlen_q)), meta, meta["BLOCK_D"])
+                 seqlen_q, seqlen_k, h, scale * LOG2E, scale, _bucket(seqlen_q)), bwd_meta, meta["BLOCK_D"])
     return dq, dk, dv
