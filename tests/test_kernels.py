@@ -116,6 +116,7 @@ DENSE_CASES = [
     (2, 1, 37, 4, 1, 32, True, LOWP),        # single query row (decode-like)
     (1, 50, 50, 2, 1, 24, True, torch.float32),   # head dim that is not a power of two
     (1, 64, 64, 2, 1, 128, True, LOWP),      # head dim 128, exact block multiple
+    (1, 20, 20, 40, 10, 16, True, LOWP),     # phi-4's 40/10 head layout
 ]
 
 
@@ -392,14 +393,13 @@ def test_gpu_training_tracks_sdpa():
     "A few optimizer steps of a small model with attn_implementation='triton' follow the 'sdpa' loss curve."
     phi_config = pytest.importorskip("phi4_nb.config")
     phi_model = pytest.importorskip("phi4_nb.model")
-    cfg = phi_config.get_config("smoke")
+    vocab = phi_config.get_config("smoke").vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (4, 257), generator=g).cuda()
+    ids = torch.randint(0, vocab, (4, 257), generator=g).cuda()
     curves = {}
     for impl in ("sdpa", "triton"):
         torch.manual_seed(0)
-        cfg.attn_implementation = impl
-        model = phi_model.Phi4ForCausalLM(cfg).cuda()
+        model = phi_model.Phi4ForCausalLM(phi_config.get_config("smoke", attn_implementation=impl)).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses = []
         for _ in range(8):
