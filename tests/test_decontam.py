@@ -163,3 +163,28 @@ def test_7gram_ratio_with_short_items_present():
     r = check(ix, three)
     assert (r['status'], r['reason'], r['items']) == ('contaminated', '7-gram', ['b/0'])
     assert check(ix, 'and why not compute 8 choose 4')['items'] == ['b/1', 'b/2']
+
+
+def test_check_batch_equals_check():
+    "The batched path (one hash stream, boundary-crossing n-grams dropped) gives exactly check's results."
+    import random
+    from phi4_nb.decontam import check_batch, word_ids
+    he = load_humaneval()
+    ix = DecontamIndex([Benchmark('he', he.items[:40]), _bench('Compute 8 choose 4.', ' '.join(WORDS[:16]), 'why')],
+                       info_7gram_threshold=0.1, contaminated_7gram_threshold=0.4)
+    rnd = random.Random(0)
+    vocab = normalize(' '.join(it['text'] for it in he.items[:40])) + WORDS
+    texts = ['', 'why', 'compute 8 choose 4'] + [it['text'] for it in he.items[30:50]]
+    texts += [' '.join(rnd.choice(vocab) for _ in range(rnd.randint(0, 60))) for _ in range(150)]
+    texts += [he.items[i]['text'][: rnd.randint(10, 200)] + ' ' + ' '.join(WORDS[:rnd.randint(0, 16)]) for i in range(60)]
+    want = [check(ix, t, per_benchmark=True) for t in texts]
+    assert check_batch(ix, texts, per_benchmark=True) == want
+    assert len({r['status'] for r in want}) == 3                # the sample covers clean, partial and contaminated
+    got = [r for r in decontaminate(texts, ix, progress=False, batch_size=7)]
+    assert [{k: v for k, v in r.items() if k not in ('id', 'source', 'n_bytes')} for r in got] == want
+    # the allowed list counts documents the same way as the one-by-one probe
+    ref = texts[:120]
+    counts = {}
+    for t in ref:
+        for h in ix.probe(word_ids(normalize(t)))[0]: counts[h] = counts.get(h, 0) + 1
+    assert sorted(h for h, c in counts.items() if c >= 2) == ix.allow_common(ref, min_docs=2).tolist()
