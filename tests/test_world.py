@@ -29,6 +29,16 @@ def test_disjoint_detects_a_planted_leak(w):
     q = w.tests['arith'][0]['question']
     leaked = w.documents() + [dict(text=f"hey all {q} thanks", kind='forum')]
     assert w.check_disjoint(leaked)['questions_in_docs'] == 1
+    body = w.tests['code'][3]['canonical_solution']   # a held-out implementation, pasted into a page
+    d = w.check_disjoint(w.documents() + [dict(text="look:\n" + body, kind='code')])
+    assert d['items_sharing_13grams'] >= 1 and d['questions_in_docs'] == 0
+
+def test_no_appendix_b_contamination(w):
+    "The project's decontamination finds no TinyWorld test item in TinyWorld's training documents."
+    dc = pytest.importorskip('phi4_nb.decontam')
+    ix = dc.DecontamIndex(dc.tinyworld_benchmarks(w))
+    bad = [r for r in dc.decontaminate(w.documents(), ix, progress=False) if r['status'] != 'clean']
+    assert not bad, bad[:3]
 
 def test_test_set_fields(w):
     for name in TEST_SETS:
