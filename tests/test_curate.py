@@ -120,3 +120,14 @@ def test_curate_jsonl_atomic_and_resumable(docs, tmp_path):
         curate_jsonl(tmp_path / 'bad.jsonl', tmp_path / 'o2.jsonl', progress=False)
     assert not (tmp_path / 'o2.jsonl').exists() and not list(tmp_path.glob('.o2*'))
     with pytest.raises(FileNotFoundError): curate_jsonl(tmp_path / 'none.jsonl', tmp_path / 'o3.jsonl')
+
+def test_classifier_and_seed_files(docs, tmp_path):
+    from phi4_nb.curate import train_classifier_jsonl, select_seeds_jsonl
+    write_jsonl(tmp_path / 'c.jsonl', docs)
+    r = train_classifier_jsonl(tmp_path / 'c.jsonl', tmp_path / 'q.npz', max_labels=300, epochs=30)
+    assert r['n_labelled'] == 300 and r['n'] == 75 and (tmp_path / 'q.npz').exists()
+    assert train_classifier_jsonl(tmp_path / 'c.jsonl', tmp_path / 'q.npz', max_labels=300, epochs=30) == r
+    st = select_seeds_jsonl(tmp_path / 'c.jsonl', tmp_path / 's.jsonl', tmp_path / 'q.npz', page_keep=0.2)
+    rows = [json.loads(l) for l in open(tmp_path / 's.jsonl')]
+    assert len(rows) == st['seeds'] > 0 and {'id', 'text', 'doc_id', 'start_line', 'end_line', 'page_score', 'passage_score'} <= set(rows[0])
+    with pytest.raises(FileNotFoundError): train_classifier_jsonl(tmp_path / 'nope.jsonl', tmp_path / 'x.npz')

@@ -31,6 +31,12 @@ def test_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match='not found'): list(gsm8k_docs(data_root=tmp_path))  # root exists, no gsm8k/
     with pytest.raises(FileNotFoundError, match='organic.jsonl'): load_source('tinyworld', world_dir=tmp_path)
 
+def test_make_doc_ids():
+    from phi4_nb.sources import make_doc
+    a, b = make_doc('same text', 'src'), make_doc('same text', 'src')
+    assert a['id'] == b['id'] != make_doc('other', 'src')['id'] and a['id'].startswith('src-')
+    with pytest.raises(TypeError): make_doc(b'bytes', 'src')
+
 def test_unknown_source():
     with pytest.raises(ValueError, match=r"unknown source 'web'.*known sources:.*gsm8k.*tinyworld"): load_source('web')
     register_source('mine', lambda n=2: iter([{'id': str(i), 'text': 'x', 'source': 'mine'} for i in range(n)]))
