@@ -91,8 +91,10 @@ def test_curate_pipeline_removes_noise_and_reposts(docs):
 
 def test_seed_selection(docs):
     clf, _ = train_quality_classifier(docs, ground_truth_label, epochs=50)
-    seeds, st = select_seeds(docs, clf.score, page_keep=0.3, passage_keep=0.5)
+    seeds, st = select_seeds(docs, clf.score, page_keep=0.3, passage_keep=0.5, page_threshold=0.0)
     assert st['pages_kept'] == int(np.ceil(len(docs) * 0.3)) and len(seeds) == st['seeds'] > 0
+    _, st2 = select_seeds(docs, clf.score, page_threshold=0.5)
+    assert st2['pages_kept'] == int((clf.score([d['text'] for d in docs]) >= 0.5).sum())
     by = {d['id']: d for d in docs}
     assert np.mean([ground_truth_label(by[s['doc_id']]) for s in seeds]) > np.mean([ground_truth_label(d) for d in docs])
     for s in seeds:
