@@ -133,3 +133,10 @@ def test_classifier_and_seed_files(docs, tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / 's.jsonl')]
     assert len(rows) == st['seeds'] > 0 and {'id', 'text', 'doc_id', 'start_line', 'end_line', 'page_score', 'passage_score'} <= set(rows[0])
     with pytest.raises(FileNotFoundError): train_classifier_jsonl(tmp_path / 'nope.jsonl', tmp_path / 'x.npz')
+
+def test_curate_leaves_input_untouched(docs):
+    texts = [d['text'] for d in docs[:100]]; y = [ground_truth_label(d) for d in docs[:100]]
+    clf = QualityClassifier(epochs=5).fit(texts, y)
+    before = [dict(d) for d in docs[:100]]
+    kept, _ = curate(docs[:100], classifier=clf, quality_threshold=0.0, progress=False)
+    assert [dict(d) for d in docs[:100]] == before and all('quality' in d for d in kept)

@@ -91,6 +91,16 @@ def test_html_extractor_keeps_math_code_tables():
     for junk in ('track()', 'color:red', 'Home', 'cookies', 'Related posts', 'Copyright', '√x', 'Pythagoras'):
         assert junk not in t, junk
 
+def test_html_keeps_article_header_and_forum_posts():
+    page = ('<body><header class="site-header"><a href="/">Logo</a> Site name</header><main><article>'
+            '<header><h1>Thread: sums</h1><span class="byline">by amber_fox</span></header>'
+            '<div class="post"><div class="post-header">quill_k wrote:</div><p>How do I add 2 and 3?</p></div>'
+            '<div class="post"><div class="post-header">amber_fox wrote:</div><p>It is 5.</p></div>'
+            '</article></main><footer>Terms</footer></body>')
+    t = html_to_text(page)
+    assert '# Thread: sums' in t and 'by amber_fox' in t and 'quill_k wrote:' in t and 'It is 5.' in t
+    assert 'Site name' not in t and 'Terms' not in t
+
 def test_html_tolerates_broken_markup():
     t = html_to_text("<div><p>unclosed <b>bold <i>both</div></span><p>next")
     assert 'unclosed bold both' in t and 'next' in t
