@@ -46,7 +46,7 @@ lab: install
 	$(BIN)/jupyter lab --notebook-dir=. $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 bench: install
-	$(OFFLINE) $(BIN)/phi4_bench_generate
+	$(OFFLINE) $(BIN)/phi4_reproduce --preset $(PRESET) --stages world,tokenizer,model,generate
 
 clean:
 	rm -rf _docs _proc reports/_executed
