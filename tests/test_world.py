@@ -118,3 +118,12 @@ def test_build_world_atomic_and_cached(tmp_path):
 def test_bad_config():
     with pytest.raises(ValueError, match='known presets'): world_config('huge')
     with pytest.raises(ValueError, match='unknown world knobs'): World(0, 'tiny', n_dogs=3)
+
+def test_deterministic_across_processes(tmp_path):
+    "Same seed, same bytes, whatever Python's string-hash seed is."
+    import os, subprocess, sys
+    code = ("import sys; from phi4_nb.world import build_world; "
+            "m = build_world(sys.argv[1], 'tiny', n_docs=80); print(m['files']['organic.jsonl'], m['files']['tests/arith.jsonl'])")
+    outs = [subprocess.run([sys.executable, '-c', code, str(tmp_path / s)], capture_output=True, text=True, check=True,
+                           env={**os.environ, 'PYTHONHASHSEED': s}).stdout for s in ('1', '2')]
+    assert outs[0] == outs[1] and len(outs[0].split()) == 2
