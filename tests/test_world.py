@@ -112,6 +112,8 @@ def test_build_world_atomic_and_cached(tmp_path):
     assert build_world(tmp_path, 'tiny', n_docs=100) == m and (tmp_path / 'organic.jsonl').stat().st_mtime_ns == mtime
     assert build_world(tmp_path, 'tiny', n_docs=120)['n_docs'] != m['n_docs']  # config change rebuilds
     assert len(load_test_set(tmp_path, 'mc')) == m['tests']['mc']
+    from phi4_nb.world import get_test_sets
+    assert get_test_sets(tmp_path) == get_test_sets(World(0, 'tiny', n_docs=120))  # JSONL round-trips exactly
     with pytest.raises(ValueError, match='unknown test set'): load_test_set(tmp_path, 'nope')
     with pytest.raises(FileNotFoundError): load_test_set(tmp_path / 'missing', 'mc')
 
