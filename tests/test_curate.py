@@ -88,6 +88,8 @@ def test_curate_pipeline_removes_noise_and_reposts(docs):
     corrupt = [d for d in docs if d['style'] in ('binary', 'garbled', 'repetitive')]
     assert np.mean([d['id'] in why for d in corrupt]) > 0.9
     assert curate([dict(id='a', text='x y z'), dict(id='b', text='X  y z')], outliers=False, progress=False)[1]['exact_dup'] == 1
+    with pytest.raises(ValueError, match='document 1 is not'): curate([dict(id='a', text='x'), dict(text='no id')], outliers=False, progress=False)
+    with pytest.raises(ValueError, match='document 0 is not'): curate(['plain string'], progress=False)
 
 def test_seed_selection(docs):
     clf, _ = train_quality_classifier(docs, ground_truth_label, epochs=50)
