@@ -142,3 +142,15 @@ def test_curate_leaves_input_untouched(docs):
     before = [dict(d) for d in docs[:100]]
     kept, _ = curate(docs[:100], classifier=clf, quality_threshold=0.0, progress=False)
     assert [dict(d) for d in docs[:100]] == before and all('quality' in d for d in kept)
+
+def test_engine_adapter_for_llm_annotator():
+    "The project's Engine plugs into LLMAnnotator through engine_generate_fn (duck-typed stand-in here)."
+    from types import SimpleNamespace as NS
+    from phi4_nb.curate import engine_generate_fn
+    class FakeEngine:
+        tokenizer = NS(decode=lambda ids, skip_special_tokens=True: "".join(map(str, ids)))
+        def generate(self, prompts, params):
+            assert params.temperature == 0 and params.max_tokens == 8 and prompts[0][0]['role'] == 'user'
+            return [NS(completions=[NS(text=None, token_ids=[1] if 'cheap' in p[0]['content'] else [4])]) for p in prompts]
+    ann = LLMAnnotator(engine_generate_fn(FakeEngine()))
+    assert annotate(ann, [dict(text='buy cheap'), dict(text='The capital of X is Y.')]) == [0, 1]
