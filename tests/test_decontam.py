@@ -4,8 +4,9 @@ Run: pytest tests/test_decontam.py
 """
 import json, pickle
 import pytest
+from phi4_nb.sources import default_data_root as data_root
 from phi4_nb.decontam import (normalize, Benchmark, DecontamIndex, check, decontaminate, filter_clean, contamination_report,
-                              write_report, read_jsonl, data_root, load_gsm8k, load_math, load_humaneval, eval_benchmarks,
+                              write_report, read_jsonl, load_gsm8k, load_math, load_humaneval, eval_benchmarks,
                               benchmark_from_items)
 
 WORDS = [f'w{i}' for i in range(40)]
