@@ -140,7 +140,7 @@ def test_loaders_real_files():
 
 def test_loader_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("PHI4_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="benchmark data not found"): data_root(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="benchmark data folder not found"): data_root(tmp_path / "nope")
     (tmp_path / "gsm8k").mkdir()
     with pytest.raises(FileNotFoundError): load_gsm8k(root=tmp_path)
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{broken\n')
