@@ -88,3 +88,16 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(ValueError): Phi4NBLM()
     with pytest.raises(ValueError): Phi4NBLM(pretrained=str(tmp_path), backend="vllm")
     with pytest.raises(ValueError, match="unknown task"): run_lmeval(tiny, ["no_such_task"], limit=1, work_dir=tmp_path)
+
+
+def test_cli_on_saved_checkpoint(tiny, tmp_path):
+    import subprocess, sys
+    ck = tmp_path / "ck"; tiny.model.save_hf(ck); tiny.tokenizer.save_pretrained(ck)
+    out = tmp_path / "out"
+    script = tmp_path / "phi4_lmeval.py"                             # what a console_scripts wrapper does
+    script.write_text("import sys\nfrom phi4_nb.lmeval import lmeval_cli\nif __name__ == '__main__': sys.exit(lmeval_cli())\n")
+    p = subprocess.run([sys.executable, str(script), "--model", str(ck), "--tasks", "tw_arc,tw_ppl",
+                        "--limit", "2", "--output_path", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "tw_arc" in p.stdout and (out / "samples_tw_ppl.jsonl").exists()
+    assert json.loads((out / "results.json").read_text())["model"] == "ck"
