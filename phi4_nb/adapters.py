@@ -205,7 +205,7 @@ def gsm8k_throughput(lm, items, n:int=4, max_tokens:int=256, temperature:float=0
                 new_tokens_per_s=round(toks / dt, 1), max_tokens=max_tokens, threads=torch.get_num_threads(), max_batch=lm.engine.max_batch)
 
 SMOLLM2_PUBLISHED = {  # the authors' model-card numbers available offline (none are in the shared reference files)
-    "gsm8k": dict(value=None, protocol="model card: GSM8K 5-shot; a figure of about 1.4% was quoted to us but could not be checked offline"),
+    "gsm8k": dict(value=None, protocol="model card: GSM8K 5-shot; its figure is not in the offline references, so none is shown"),
     "math": dict(value=None, protocol="not on the model card as far as the offline reference shows"),
     "humaneval": dict(value=None, protocol="not on the model card as far as the offline reference shows"),
 }
