@@ -304,6 +304,50 @@ def test_model_triton_matches_sdpa():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Importing the source directory a second time, as top-level `kernels`
+# ---------------------------------------------------------------------------------------------------------------------
+
+_SECOND_IMPORT = r"""
+import importlib, sys, torch
+import phi4_kernels
+from phi4_kernels import flash_attn_func
+
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(s, generator=g).to(sys.argv[2]) for s in ((2, 37, 4, 16), (2, 37, 2, 16), (2, 37, 2, 16)))
+
+def run(f):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = f(*leaves, causal=True)
+    out.square().sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+before = run(flash_attn_func)
+sys.path.insert(0, sys.argv[1])
+twin = importlib.import_module("kernels")  # what transformers' `is_kernels_available()` does with the root on sys.path
+assert twin.ops._fwd_op is phi4_kernels.ops._fwd_op, "a second set of ops was registered"
+for f in (flash_attn_func, twin.flash_attn_func):
+    for a, b in zip(before, run(f)):
+        assert torch.equal(a, b)
+print("same ops")
+"""
+
+
+def test_second_import_shares_the_ops(tmp_path):
+    "The kernel directory is also importable as top-level `kernels` when the repository root is on sys.path (the\
+ transformers checkpoint loader imports `kernels` to look for the Hub package of that name). That second copy must\
+ reuse the registered ops: defining them again tore down the first registration, and the first copy's next call\
+ crashed the process (or ran it out of memory). Run in a subprocess, so a crash is a test failure."
+    root = Path(__file__).resolve().parents[1]
+    limit = None
+    if not CUDA:  # a runaway allocation fails fast instead of exhausting the machine (a CUDA context needs more)
+        import resource
+        limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    r = subprocess.run([sys.executable, "-c", _SECOND_IMPORT, str(root), DEV], capture_output=True, text=True,
+                       timeout=300, preexec_fn=limit, cwd=str(tmp_path))
+    assert r.returncode == 0 and "same ops" in r.stdout, f"exit {r.returncode}\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Benchmark script: the CPU code path (tiny interpreted run) works and writes its CSV
 # ---------------------------------------------------------------------------------------------------------------------
 
