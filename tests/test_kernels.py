@@ -304,6 +304,90 @@ def test_model_triton_matches_sdpa():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Memory bounds: every tensor placed against an inaccessible page, so any out-of-bounds load or store faults
+# ---------------------------------------------------------------------------------------------------------------------
+
+_GUARDED = r"""
+import ctypes, math, mmap, sys
+import torch
+from phi4_kernels import flash_attn as fa
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE, KEEP, WHERE = mmap.PAGESIZE, [], ["after"]
+
+def guarded(shape, dtype):
+    "Zeroed tensor whose last byte is followed ('after') or whose first byte is preceded ('before') by a PROT_NONE page."
+    shape = tuple(int(s) for s in shape)
+    n = max(1, math.prod(shape)) * torch.tensor([], dtype=dtype).element_size()
+    pages = -(-n // PAGE)
+    m = mmap.mmap(-1, (pages + 1) * PAGE)
+    anchor = (ctypes.c_char * len(m)).from_buffer(m)
+    base = ctypes.addressof(anchor)
+    guard, off = (base + pages * PAGE, pages * PAGE - n) if WHERE[0] == "after" else (base, PAGE)
+    assert libc.mprotect(guard, PAGE, 0) == 0, ctypes.get_errno()
+    KEEP.append((m, anchor))
+    return torch.frombuffer(m, dtype=torch.uint8, count=n, offset=off).view(dtype)[:math.prod(shape)].view(shape)
+
+class GuardedTorch:
+    "torch as the launchers see it: the buffers they allocate (out, lse, delta, dq, dk, dv) are guarded too."
+    def __getattr__(self, name):
+        return getattr(torch, name)
+    def empty(self, size, dtype=None, device=None):
+        return guarded(size, dtype)
+    def empty_like(self, t, dtype=None, memory_format=None):
+        return guarded(t.shape, dtype or t.dtype)
+
+fa.torch = GuardedTorch()
+
+def copy(t):
+    out = guarded(t.shape, t.dtype)
+    out.copy_(t)
+    return out
+
+def run(shapes, dtype, causal, lens=None, transposed=False):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (copy(torch.randn(s, generator=g).to(dtype)) for s in shapes)
+    if transposed:  # (B, H, T, D) storage seen as (B, T, H, D), as the model passes it
+        q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))
+    cu_q = cu_k = None
+    if lens:
+        cu_q, cu_k = (copy(torch.tensor([0] + list(torch.tensor(l).cumsum(0)), dtype=torch.int32)) for l in lens)
+        mq, mk = max(lens[0]), max(lens[1])
+    else:
+        mq, mk = q.shape[1], k.shape[1]
+    scale = q.shape[-1] ** -0.5
+    out, lse = fa.attn_fwd(q, k, v, cu_q, cu_k, mq, mk, causal, scale)
+    grads = fa.attn_bwd(do, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, scale)
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+
+f16, f32 = torch.float16, torch.float32
+for where in ("after", "before"):
+    WHERE[0] = where
+    run([(2, 37, 4, 16), (2, 37, 2, 16), (2, 37, 2, 16), (2, 37, 4, 16)], f16, True)        # ragged, GQA 2
+    run([(1, 50, 2, 24), (1, 50, 1, 24), (1, 50, 1, 24), (1, 50, 2, 24)], f32, True)        # padded head dim
+    run([(1, 70, 2, 16), (1, 45, 1, 16), (1, 45, 1, 16), (1, 70, 2, 16)], f32, True)        # first rows see nothing
+    run([(1, 37, 2, 64), (1, 100, 2, 64), (1, 100, 2, 64), (1, 37, 2, 64)], f16, False)     # cross-length
+    run([(1, 4, 40, 32), (1, 2, 40, 32), (1, 2, 40, 32), (1, 4, 40, 32)], f32, True, transposed=True)
+    run([(60, 2, 16), (83, 1, 16), (83, 1, 16), (60, 2, 16)], f32, True, lens=([3, 0, 17, 40], [10, 6, 17, 50]))
+    fa.INTERPRET_CONFIG.update(fwd=(16, 32), bwd_dkdv=(32, 16), bwd_dq=(16, 32))           # unequal tiles
+    run([(1, 45, 2, 16), (1, 70, 1, 16), (1, 70, 1, 16), (1, 45, 2, 16)], f32, True)
+    fa.INTERPRET_CONFIG.update(fwd=(32, 32), bwd_dkdv=(32, 32), bwd_dq=(32, 32))
+print("in bounds")
+"""
+
+
+def test_no_out_of_bounds_access():
+    "Forward and backward on ragged lengths, GQA, a padded head dim, a transposed layout and packed documents, with\
+ every input and output tensor ending right before (then starting right after) a PROT_NONE page: an access past\
+ either end faults instead of reading whatever the heap holds there. Run in a subprocess, so a fault is a failure."
+    if not INTERP:
+        pytest.skip("guard pages are for host memory: the interpreter runs the kernels on CPU tensors")
+    r = subprocess.run([sys.executable, "-c", _GUARDED], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "in bounds" in r.stdout, f"exit {r.returncode}\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Importing the source directory a second time, as top-level `kernels`
 # ---------------------------------------------------------------------------------------------------------------------
 
