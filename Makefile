@@ -38,10 +38,8 @@ check-sync:
 nbtest:
 	$(OFFLINE) $(BIN)/nbdev_test --n_workers 2 --timing
 
-# the Triton-interpreter kernel tests run in their own process
 pytest:
-	$(OFFLINE) $(BIN)/python -m pytest -q tests --ignore=tests/test_kernels.py
-	$(OFFLINE) $(BIN)/python -m pytest -q tests/test_kernels.py
+	$(OFFLINE) $(BIN)/python -m pytest -q tests
 
 # JupyterLab on the notebooks, with this virtualenv's kernel
 lab: install
