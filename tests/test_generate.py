@@ -62,6 +62,7 @@ def test_compiled_engine_follows_weight_updates():
     sp = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[])
     comp = Engine(m, compile=True)
     before = _ids(comp.generate(prompts, sp))
+    assert Engine(m, compile=True)._compiled_steps() is comp._compiled_steps()   # engines of one model share the code
     with torch.no_grad():                      # an in-place update, as an optimizer step makes
         for p in m.parameters(): p.add_(torch.randn_like(p) * 0.05)
     with pytest.warns(UserWarning, match='compiling again'):
