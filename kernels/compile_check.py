@@ -23,17 +23,10 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 def _kernels_module():
     try:
-        from phi4_kernels import flash_attn as fa
-    except ImportError:
-        import importlib.util
-        here = Path(__file__).resolve().parent
-        spec = importlib.util.spec_from_file_location("phi4_kernels", here / "__init__.py",
-                                                      submodule_search_locations=[str(here)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["phi4_kernels"] = mod
-        spec.loader.exec_module(mod)
-        from phi4_kernels import flash_attn as fa
-    return fa
+        from phi4_kernels.bench import _import_kernels
+    except ImportError:  # run as a file from a checkout that is not installed: bench.py sits beside this file
+        from bench import _import_kernels
+    return _import_kernels().flash_attn
 
 
 def _signature(fn, consts, dtype):
