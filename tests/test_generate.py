@@ -49,6 +49,14 @@ def test_compiled_matches_eager_with_ragged_prompts_samples_and_stops():
     assert _ids(a) == _ids(b)
     assert [c.finish_reason for o in a for c in o.completions] == [c.finish_reason for o in b for c in o.completions]
     assert any(c.finish_reason == 'stop' for o in b for c in o.completions)
+    # prompts of different lengths in separate chunks reuse one prefill graph and one decode graph (per batch size)
+    from torch._dynamo.utils import counters
+    chunked = Engine(m, max_batch=2, compile=True)
+    order = sorted(range(6), key=lambda i: -len(prompts[i]))
+    assert len({len(prompts[i]) for i in order[0::2]} | {len(prompts[i]) for i in order[1::2]}) > 2   # lengths differ
+    graphs = counters['stats']['unique_graphs']
+    assert _ids(chunked.generate(prompts, greedy)) == _ids(eager.generate(prompts, greedy))
+    assert counters['stats']['unique_graphs'] - graphs <= 2, counters['stats']
     # sampling: the same per-sample random streams, so the same tokens wherever the logits agree to ~1e-6
     sp = SamplingParams(n=2, temperature=1.0, max_tokens=8, stop_token_ids=[], seed=3)
     a, b = eager.generate(prompts[:3], sp), comp.generate(prompts[:3], sp)
