@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 from typing import Optional
 
 import torch
@@ -18,67 +16,56 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 # dense calls pass None.
 # --------------------------------------------------------------------------------------------------------------------
 
-def _define_ops():
-    "Define and register the forward and backward ops; returns (fwd_op, bwd_op)."
-    @torch.library.custom_op("phi4_kernels::flash_attn_fwd", mutates_args=())
-    def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
-                cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
-
-    @_fwd_op.register_fake
-    def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if cu_seqlens_q is not None:
-            lse = q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
-        else:
-            lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
-        return out, lse
-
-    @torch.library.custom_op("phi4_kernels::flash_attn_bwd", mutates_args=())
-    def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                        softmax_scale)
-
-    @_bwd_op.register_fake
-    def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                  softmax_scale):
-        return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-                torch.empty(v.shape, dtype=v.dtype, device=v.device))
-
-    def _setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.meta = (max_q, max_k, causal, scale)
-
-    def _backward(ctx, dout, dlse):
-        # The LSE output is returned for inspection only; gradients flowing into it are not propagated.
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, causal, scale = ctx.meta
-        dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
-        return dq, dk, dv, None, None, None, None, None, None
-
-    torch.library.register_autograd("phi4_kernels::flash_attn_fwd", _backward, setup_context=_setup_context)
-    return _fwd_op, _bwd_op
+@torch.library.custom_op("phi4_kernels::flash_attn_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
 
 
-def _ops_of_loaded_copy():
-    """(fwd_op, bwd_op) of this file when it already ran under another module name, else None: defining the ops a
-    second time would tear down the registration the first copy's op handles point to (see __init__.py)."""
-    here = os.path.realpath(__file__)
-    for name, mod in list(sys.modules.items()):
-        f = getattr(mod, "__file__", None)
-        if name != __name__ and isinstance(f, str) and os.path.realpath(f) == here and hasattr(mod, "_bwd_op"):
-            return mod._fwd_op, mod._bwd_op
-    return None
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
+    return out, lse
 
 
-_fwd_op, _bwd_op = _ops_of_loaded_copy() or _define_ops()
+@torch.library.custom_op("phi4_kernels::flash_attn_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+            max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                    softmax_scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+              softmax_scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.meta = (max_q, max_k, causal, scale)
+
+
+def _backward(ctx, dout, dlse):
+    # The LSE output is returned for inspection only; gradients flowing into it are not propagated.
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, causal, scale = ctx.meta
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("phi4_kernels::flash_attn_fwd", _backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------------
