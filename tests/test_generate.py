@@ -62,6 +62,12 @@ def test_compiled_matches_eager_with_ragged_prompts_samples_and_stops():
     a, b = eager.generate(prompts[:3], sp), comp.generate(prompts[:3], sp)
     same = sum(x == y for ra, rb in zip(_ids(a), _ids(b)) for x, y in zip(ra, rb))
     assert same >= 5, (_ids(a), _ids(b))
+    # top-p and top-k: the compiled step hands its logits to `sample_tokens` instead of sampling inside
+    for sp in (SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=8, stop_token_ids=[], seed=4),
+               SamplingParams(n=2, temperature=0.8, top_k=5, max_tokens=8, stop_token_ids=[], seed=5)):
+        a, b = eager.generate(prompts[:3], sp), comp.generate(prompts[:3], sp)
+        same = sum(x == y for ra, rb in zip(_ids(a), _ids(b)) for x, y in zip(ra, rb))
+        assert same >= 5, (sp, _ids(a), _ids(b))
 
 
 def test_compiled_engine_follows_weight_updates():
