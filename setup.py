@@ -39,7 +39,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['phi4_nb', 'phi4_nb.*']) + ['phi4_kernels'],
     package_dir={'phi4_kernels': 'kernels'},
     include_package_data=True,
-    package_data={'phi4_nb': ['data/*', 'tasks/*.yaml']},
+    package_data={'phi4_nb': ['data/*', 'tasks/*.yaml'], 'phi4_kernels': ['*.cpp']},
     install_requires=requirements,
     extras_require=extras,
     python_requires='>=' + cfg['min_python'],

@@ -1,4 +1,5 @@
-"""phi4_kernels: hand-written Triton attention kernels for phi4_nb (installed from `kernels/`)."""
+"""phi4_kernels: hand-written attention kernels for phi4_nb (installed from `kernels/`): flash attention in Triton,
+decode attention in C++ for CPUs (`phi4_kernels.cpu`)."""
 import os as _os
 import sys as _sys
 
@@ -15,17 +16,20 @@ def _loaded_copy():
     here = _os.path.realpath(__file__)
     for name, mod in list(_sys.modules.items()):
         f = getattr(mod, "__file__", None)
-        if name != __name__ and isinstance(f, str) and _os.path.realpath(f) == here and hasattr(mod, "flash_attn_func"):
+        if name != __name__ and isinstance(f, str) and _os.path.realpath(f) == here and hasattr(mod, "__all__"):
             return name, mod
     return None
 
 
 _copy = _loaded_copy()
 if _copy is not None:  # alias this name (and its submodules) to the copy already loaded: one set of ops per process
-    for _sub in ("flash_attn", "ops"):
-        _sys.modules[f"{__name__}.{_sub}"] = _sys.modules[f"{_copy[0]}.{_sub}"]
+    for _sub in ("flash_attn", "ops", "cpu"):
+        if f"{_copy[0]}.{_sub}" in _sys.modules: _sys.modules[f"{__name__}.{_sub}"] = _sys.modules[f"{_copy[0]}.{_sub}"]
     _sys.modules[__name__] = _copy[1]
 else:
-    from .ops import flash_attn_func, flash_attn_varlen_func
-
-__all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+    try:
+        from .ops import flash_attn_func, flash_attn_varlen_func
+        __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+    except ModuleNotFoundError as _e:  # no Triton: the C++ CPU kernels in phi4_kernels.cpu still work
+        if _e.name != "triton": raise
+        __all__ = []
