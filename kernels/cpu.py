@@ -35,6 +35,12 @@ def available() -> bool:
         if "ok" in _state: return _state["ok"]
         try:
             from torch.utils.cpp_extension import load
+            try:  # torch runs `ninja` from PATH; the pip package's binary is not on it outside an activated virtualenv
+                import ninja
+                if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            except ImportError:
+                pass
             load("phi4_kernels_cpu", [_SRC], extra_cflags=["-O3", "-fopenmp", *_flags()], extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             if not hasattr(torch.ops.phi4_kernels_cpu, "decode_attention"): raise RuntimeError("the library registered no op")
