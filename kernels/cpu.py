@@ -99,6 +99,18 @@ def bench(shapes=((32, 9, 3, 64, 30), (32, 8, 2, 32, 6)), widths=(80, 128), dtyp
     return rows
 
 
-if __name__ == "__main__":  # python -m phi4_kernels.cpu
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    for r in bench(): print(r)
+if __name__ == "__main__":  # python -m phi4_kernels.cpu [--csv reports/data/bench/cpu_decode_attention.csv]
+    import argparse
+    import csv
+    ap = argparse.ArgumentParser(description="time decode_attention against PyTorch's attention on this CPU")
+    ap.add_argument("--csv", help="also write the rows to this CSV file")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    rows = bench(repeats=args.repeats)
+    for r in rows: print(r)
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["threads"])
+            w.writeheader()
+            for r in rows: w.writerow({**r, "threads": torch.get_num_threads()})
