@@ -26,8 +26,13 @@ template <typename T> inline void prefetch_row(const T* p, int64_t D) {
   for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
+// a row's first visible column: its padding ends there (never past the query's own column)
+inline int64_t first_col(const int64_t* start, int64_t b, int64_t col) {
+  return std::min<int64_t>(std::max<int64_t>(start[b], 0), col);
+}
+
 struct Args {
-  int64_t B, Hq, Hkv, W, D, col;
+  int64_t B, Hq, Hkv, D, col;  // col < the cache width (checked by the caller)
   int64_t qsb, qsh, ksb, ksh, kss, vsb, vsh, vss;
   float scale;
 };
@@ -56,9 +61,7 @@ void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, c
     std::vector<Vec> qv(g * ND), acc(g * ND);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
-      const int64_t hi = std::min<int64_t>(a.col, a.W - 1);
-      const int64_t lo = std::min<int64_t>(std::max<int64_t>(start[b], 0), hi);
-      const int64_t n = hi - lo + 1;
+      const int64_t lo = first_col(start, b, a.col), n = a.col - lo + 1;   // visible columns lo .. col
       for (int64_t j = 0; j < g; ++j)
         for (int c = 0; c < ND; ++c) qv[j * ND + c] = load_vec(q + b * a.qsb + (h * g + j) * a.qsh + c * VS) * Vec(a.scale);
       const T* kb = k + b * a.ksb + h * a.ksh + lo * a.kss;
@@ -76,11 +79,11 @@ void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, c
       softmax_rows(sc.data(), g, n, inv.data());
       std::fill(acc.begin(), acc.end(), Vec(0.f));
       const int64_t nb = (bh + 1) / a.Hkv, nh = (bh + 1) % a.Hkv;   // the next task's keys
-      const int64_t nlo = bh + 1 < end ? std::min<int64_t>(std::max<int64_t>(start[nb], 0), hi) : hi + 1;
+      const int64_t nlo = bh + 1 < end ? first_col(start, nb, a.col) : a.col + 1;
       const T* nk = k + nb * a.ksb + nh * a.ksh + nlo * a.kss;
       for (int64_t s = 0; s < n; ++s) {                       // weighted values: one pass over the values
         Vec vr[ND];
-        if (nlo + s <= hi) prefetch_row(nk + s * a.kss, a.D);
+        if (nlo + s <= a.col) prefetch_row(nk + s * a.kss, a.D);
         for (int c = 0; c < ND; ++c) vr[c] = load_vec(vb + s * a.vss + c * VS);
         for (int64_t j = 0; j < g; ++j) {
           const Vec p(sc[j * n + s]);
@@ -105,9 +108,7 @@ void run_scalar(const T* q, const T* k, const T* v, const int64_t* start, T* out
     std::vector<float> sc(g * (a.col + 1)), inv(g), acc(g * a.D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
-      const int64_t hi = std::min<int64_t>(a.col, a.W - 1);
-      const int64_t lo = std::min<int64_t>(std::max<int64_t>(start[b], 0), hi);
-      const int64_t n = hi - lo + 1;
+      const int64_t lo = first_col(start, b, a.col), n = a.col - lo + 1;   // visible columns lo .. col
       for (int64_t j = 0; j < g; ++j) {
         const T* qr = q + b * a.qsb + (h * g + j) * a.qsh;
         for (int64_t s = 0; s < n; ++s) {
@@ -161,7 +162,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t c = col.item<int64_t>();
   TORCH_CHECK(c >= 0 && c < W, "column ", c, " is outside the cache width ", W);
   auto out = at::empty({B, Hq, 1, D}, q.options());
-  Args a{B, Hq, Hkv, W, D, c, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+  Args a{B, Hq, Hkv, D, c, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
          v.stride(0), v.stride(1), v.stride(2), static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)))};
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "decode_attention supports float32, bfloat16 and float16, got ", dt);
