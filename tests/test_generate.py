@@ -83,3 +83,32 @@ def test_compiled_engine_follows_weight_updates():
         after = _ids(comp.generate(prompts, sp))
     assert after == _ids(Engine(m).generate(prompts, sp))
     assert after != before
+
+
+def test_bfloat16_decode_uses_inductor_gemms_and_matches_eager():
+    from torch._dynamo.utils import counters
+    from phi4_nb import generate as G
+    class Choice:
+        def __init__(self, name): self.name = name
+    choices = [Choice('cpp_CppMicroGemmAMX_0'), Choice('_linear_pointwise')]
+    assert G._prefer_cpp(choices) == choices                       # outside a decode step's compile: untouched
+    G._IN_DECODE[0] = True
+    try:
+        assert [c.name for c in G._prefer_cpp(choices)] == ['cpp_CppMicroGemmAMX_0']
+        assert G._prefer_cpp(choices[1:]) == choices[1:]           # no C++ GEMM for this one: keep what there is
+    finally: G._IN_DECODE[0] = False
+    m = _model(2).to(torch.bfloat16)
+    prompts = _prompts(4, seed=3)
+    sp = SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[])
+    before = counters['inductor']['cpp_templated_kernel_counter']
+    a, b = Engine(m).generate(prompts, sp), Engine(m, compile=True).generate(prompts, sp)
+    if torch.cpu._is_amx_tile_supported():   # every projection of the decode step, and the head: inductor's AMX GEMMs
+        assert counters['inductor']['cpp_templated_kernel_counter'] - before == 4 * m.config.num_hidden_layers + 1
+    # bfloat16 rounds differently in the two paths: compare each sample up to the first differing token
+    agree, total = 0, 0
+    for x, y in zip(a, b):
+        ta, tb = x.completions[0].token_ids, y.completions[0].token_ids
+        k = next((i for i, (p, q) in enumerate(zip(ta, tb)) if p != q), len(ta))
+        torch.testing.assert_close(torch.tensor(y.completions[0].logprobs[:k]), torch.tensor(x.completions[0].logprobs[:k]), atol=2e-2, rtol=0)
+        agree, total = agree + k, total + len(ta)
+    assert agree >= 0.75 * total, (_ids(a), _ids(b))
