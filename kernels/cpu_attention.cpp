@@ -1,6 +1,7 @@
 // Single-query attention over a left-padded KV cache, for CPU decoding (loaded by cpu.py).
 // One task per (row, KV head): one pass over its keys for all query heads of the group, a softmax, one pass over
-// its values. Rows see columns start[b] .. col, so no mask tensor is read. Accumulation is in float32.
+// its values, both in blocks of one vector's width of columns. Rows see columns start[b] .. col, so no mask tensor is
+// read. Accumulation is in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -21,9 +22,10 @@ template <typename T> inline Vec load_vec(const T* p) {
   else { Vec o; at::vec::load_to_float<T>(p, o); return o; }
 }
 
+// into L2: rows fetched ahead into L1 filled its miss buffers and stalled the loop
 template <typename T> inline void prefetch_row(const T* p, int64_t D) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 0, 3);
+  for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 0, 2);
 }
 
 // a row's first visible column: its padding ends there (never past the query's own column)
@@ -41,15 +43,29 @@ struct Args {
 inline void softmax_rows(float* sc, int64_t g, int64_t n, float* inv) {
   for (int64_t j = 0; j < g; ++j) {
     float* r = sc + j * n;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < n; ++s) m = std::max(m, r[s]);
-    Vec vm(m), acc(0.f);
+    Vec mv(-std::numeric_limits<float>::infinity());
     int64_t s = 0;
+    for (; s + VS <= n; s += VS) mv = at::vec::maximum(mv, Vec::loadu(r + s));
+    float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mv);
+    for (; s < n; ++s) m = std::max(m, r[s]);
+    Vec vm(m), acc(0.f);
+    s = 0;
     for (; s + VS <= n; s += VS) { Vec e = (Vec::loadu(r + s) - vm).exp_u20(); e.store(r + s); acc = acc + e; }
     float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
     for (; s < n; ++s) { r[s] = std::exp(r[s] - m); sum += r[s]; }
     inv[j] = 1.f / sum;
   }
+}
+
+// lane i of the result is the sum of the lanes of r[i], for VS vectors r (overwritten): log2(VS) rounds of pairwise
+// shuffles, about three instructions per vector instead of a full horizontal reduction each
+inline Vec sum_lanes(Vec* r) {
+  for (int w = VS; w > 1; w /= 2)
+    for (int i = 0; i < w / 2; ++i) {
+      const auto eo = at::vec::deinterleave2(r[2 * i], r[2 * i + 1]);
+      r[i] = eo.first + eo.second;
+    }
+  return r[0];
 }
 
 // vectorised path: the head size is ND vectors
@@ -59,6 +75,7 @@ void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, c
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sc(g * (a.col + 1)), inv(g);
     std::vector<Vec> qv(g * ND), acc(g * ND);
+    float kbuf[VS * ND * VS];
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
       const int64_t lo = first_col(start, b, a.col), n = a.col - lo + 1;   // visible columns lo .. col
@@ -66,7 +83,28 @@ void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, c
         for (int c = 0; c < ND; ++c) qv[j * ND + c] = load_vec(q + b * a.qsb + (h * g + j) * a.qsh + c * VS) * Vec(a.scale);
       const T* kb = k + b * a.ksb + h * a.ksh + lo * a.kss;
       const T* vb = v + b * a.vsb + h * a.vsh + lo * a.vss;
-      for (int64_t s = 0; s < n; ++s) {                       // scores: one pass over the keys
+      int64_t s = 0;
+      for (; s + VS <= n; s += VS) {                          // scores, VS keys at a time
+        const float* kf;                                       // the block's keys as float32 rows of D
+        int64_t kst;
+        if constexpr (std::is_same_v<T, float>) { kf = kb + s * a.kss; kst = a.kss; }
+        else {
+          for (int r = 0; r < VS; ++r)
+            for (int c = 0; c < ND; ++c) load_vec(kb + (s + r) * a.kss + c * VS).store(kbuf + (r * ND + c) * VS);
+          kf = kbuf; kst = ND * VS;
+        }
+        for (int r = 0; r < VS; ++r) prefetch_row(vb + (s + r) * a.vss, a.D);   // the value pass reads these rows next
+        for (int64_t j = 0; j < g; ++j) {
+          Vec part[VS];
+          for (int r = 0; r < VS; ++r) {
+            Vec d = qv[j * ND] * Vec::loadu(kf + r * kst);
+            for (int c = 1; c < ND; ++c) d = at::vec::fmadd(qv[j * ND + c], Vec::loadu(kf + r * kst + c * VS), d);
+            part[r] = d;
+          }
+          sum_lanes(part).store(sc.data() + j * n + s);
+        }
+      }
+      for (; s < n; ++s) {                                    // the last keys one at a time
         Vec kr[ND];
         prefetch_row(vb + s * a.vss, a.D);                    // the value pass reads this row next
         for (int c = 0; c < ND; ++c) kr[c] = load_vec(kb + s * a.kss + c * VS);
@@ -81,7 +119,28 @@ void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, c
       const int64_t nb = (bh + 1) / a.Hkv, nh = (bh + 1) % a.Hkv;   // the next task's keys
       const int64_t nlo = bh + 1 < end ? first_col(start, nb, a.col) : a.col + 1;
       const T* nk = k + nb * a.ksb + nh * a.ksh + nlo * a.kss;
-      for (int64_t s = 0; s < n; ++s) {                       // weighted values: one pass over the values
+      s = 0;
+      for (; s + VS <= n; s += VS) {                          // weighted values, VS rows at a time
+        const float* vf;                                       // the block's values as float32 rows of D
+        int64_t vst;
+        if constexpr (std::is_same_v<T, float>) { vf = vb + s * a.vss; vst = a.vss; }
+        else {
+          for (int r = 0; r < VS; ++r)
+            for (int c = 0; c < ND; ++c) load_vec(vb + (s + r) * a.vss + c * VS).store(kbuf + (r * ND + c) * VS);
+          vf = kbuf; vst = ND * VS;
+        }
+        for (int r = 0; r < VS; ++r) if (nlo + s + r <= a.col) prefetch_row(nk + (s + r) * a.kss, a.D);
+        for (int64_t j = 0; j < g; ++j) {                     // one head's accumulator stays in registers
+          Vec o[ND];
+          for (int c = 0; c < ND; ++c) o[c] = acc[j * ND + c];
+          for (int r = 0; r < VS; ++r) {
+            const Vec p(sc[j * n + s + r]);
+            for (int c = 0; c < ND; ++c) o[c] = at::vec::fmadd(p, Vec::loadu(vf + r * vst + c * VS), o[c]);
+          }
+          for (int c = 0; c < ND; ++c) acc[j * ND + c] = o[c];
+        }
+      }
+      for (; s < n; ++s) {                                    // the last values one at a time
         Vec vr[ND];
         if (nlo + s <= a.col) prefetch_row(nk + s * a.kss, a.D);
         for (int c = 0; c < ND; ++c) vr[c] = load_vec(vb + s * a.vss + c * VS);
