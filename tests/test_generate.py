@@ -112,3 +112,28 @@ def test_bfloat16_decode_uses_inductor_gemms_and_matches_eager():
         torch.testing.assert_close(torch.tensor(y.completions[0].logprobs[:k]), torch.tensor(x.completions[0].logprobs[:k]), atol=2e-2, rtol=0)
         agree, total = agree + k, total + len(ta)
     assert agree >= 0.75 * total, (_ids(a), _ids(b))
+
+
+def test_unzeroed_cache_columns_are_never_read(monkeypatch):
+    # with the decode kernel the engine skips zeroing its cache; fill the unwritten columns with NaN instead of leaving
+    # whatever memory held, so that any read of them shows up in the tokens and log-probs
+    from phi4_kernels import cpu
+    if not cpu.available(): pytest.skip("no C++ compiler: the engine zeroes its cache")
+    m = _model(3)
+    made = []
+    orig = Phi4ForCausalLM.new_cache
+    def nan_cache(self, batch, max_len, zeroed=True):
+        cache = orig(self, batch, max_len, zeroed)
+        if not zeroed:
+            for x in cache.k + cache.v: x.fill_(float('nan'))
+        made.append(zeroed)
+        return cache
+    monkeypatch.setattr(Phi4ForCausalLM, 'new_cache', nan_cache)
+    prompts = _prompts(5, seed=4)
+    sp = SamplingParams(n=2, temperature=0.7, max_tokens=20, stop_token_ids=[], seed=1)
+    a, b = Engine(m).generate(prompts, sp), Engine(m, compile=True).generate(prompts, sp)
+    assert made == [True, False]
+    lps = [x for o in b for c in o.completions for x in c.logprobs]
+    assert all(x == x for x in lps)                                           # no NaN anywhere
+    same = sum(x == y for ra, rb in zip(_ids(a), _ids(b)) for x, y in zip(ra, rb))
+    assert same == 10, (_ids(a), _ids(b))
