@@ -68,6 +68,19 @@ inline Vec sum_lanes(Vec* r) {
   return r[0];
 }
 
+// VS rows of ND vectors (row stride st) as float32: the rows themselves for float, else converted into buf;
+// sets `out_st` to the stride of the rows returned
+template <typename T, int ND>
+inline const float* rows_f32(const T* p, int64_t st, float* buf, int64_t& out_st) {
+  if constexpr (std::is_same_v<T, float>) { out_st = st; return p; }
+  else {
+    for (int r = 0; r < VS; ++r)
+      for (int c = 0; c < ND; ++c) load_vec(p + r * st + c * VS).store(buf + (r * ND + c) * VS);
+    out_st = ND * VS;
+    return buf;
+  }
+}
+
 // vectorised path: the head size is ND vectors
 template <typename T, int ND>
 void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, const Args& a) {
@@ -75,7 +88,7 @@ void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, c
   at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sc(g * (a.col + 1)), inv(g);
     std::vector<Vec> qv(g * ND), acc(g * ND);
-    float kbuf[VS * ND * VS];
+    float kbuf[VS * ND * VS];                              // one block of keys or values in float32
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
       const int64_t lo = first_col(start, b, a.col), n = a.col - lo + 1;   // visible columns lo .. col
@@ -85,14 +98,8 @@ void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, c
       const T* vb = v + b * a.vsb + h * a.vsh + lo * a.vss;
       int64_t s = 0;
       for (; s + VS <= n; s += VS) {                          // scores, VS keys at a time
-        const float* kf;                                       // the block's keys as float32 rows of D
         int64_t kst;
-        if constexpr (std::is_same_v<T, float>) { kf = kb + s * a.kss; kst = a.kss; }
-        else {
-          for (int r = 0; r < VS; ++r)
-            for (int c = 0; c < ND; ++c) load_vec(kb + (s + r) * a.kss + c * VS).store(kbuf + (r * ND + c) * VS);
-          kf = kbuf; kst = ND * VS;
-        }
+        const float* kf = rows_f32<T, ND>(kb + s * a.kss, a.kss, kbuf, kst);
         for (int r = 0; r < VS; ++r) prefetch_row(vb + (s + r) * a.vss, a.D);   // the value pass reads these rows next
         for (int64_t j = 0; j < g; ++j) {
           Vec part[VS];
@@ -121,14 +128,8 @@ void run_vec(const T* q, const T* k, const T* v, const int64_t* start, T* out, c
       const T* nk = k + nb * a.ksb + nh * a.ksh + nlo * a.kss;
       s = 0;
       for (; s + VS <= n; s += VS) {                          // weighted values, VS rows at a time
-        const float* vf;                                       // the block's values as float32 rows of D
         int64_t vst;
-        if constexpr (std::is_same_v<T, float>) { vf = vb + s * a.vss; vst = a.vss; }
-        else {
-          for (int r = 0; r < VS; ++r)
-            for (int c = 0; c < ND; ++c) load_vec(vb + (s + r) * a.vss + c * VS).store(kbuf + (r * ND + c) * VS);
-          vf = kbuf; vst = ND * VS;
-        }
+        const float* vf = rows_f32<T, ND>(vb + s * a.vss, a.vss, kbuf, vst);
         for (int r = 0; r < VS; ++r) if (nlo + s + r <= a.col) prefetch_row(nk + (s + r) * a.kss, a.D);
         for (int64_t j = 0; j < g; ++j) {                     // one head's accumulator stays in registers
           Vec o[ND];
