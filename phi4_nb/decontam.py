@@ -10,71 +10,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
 from .config import read_jsonl, atomic_write_bytes
+from .text import words, word_ids, ngram_hashes, ngram_hashes_multi
 
 # %% auto #0
-__all__ = ['TINYWORLD_TEXT_KEYS', 'CLEAN', 'PARTIAL', 'CONTAMINATED', 'normalize', 'word_ids', 'ngram_hashes_multi',
-           'ngram_hashes', 'Benchmark', 'load_gsm8k', 'load_math', 'load_humaneval', 'benchmark_from_items',
-           'tinyworld_benchmarks', 'eval_benchmarks', 'DecontamIndex', 'check', 'check_batch', 'decontaminate',
-           'filter_clean', 'contamination_report', 'report_markdown', 'write_report', 'realistic_corpus',
-           'decontam_benchmark']
-
-# %% ../nbs/13_decontam.ipynb #ce1fc499
-_WORD = re.compile(r'[^\W_]+')
-
-def normalize(text:str)->list[str]:
-    "Lower-cased words of `text`; punctuation and whitespace both separate words."
-    return _WORD.findall(text.lower())
-
-# %% ../nbs/13_decontam.ipynb #1e0e3cdb
-class _WordIds(dict):
-    "word -> stable 64-bit id, computed once per word."
-    def __missing__(self, w):
-        v = self[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), 'little')
-        return v
-
-_IDS = _WordIds()
-_P = 0x9E3779B97F4A7C15                               # odd, so invertible modulo 2^64
-_POW = {'p': np.ones(1, np.uint64), 'q': np.ones(1, np.uint64)}  # P^k and P^-k, grown on demand
-
-def _powers(L:int)->tuple[np.ndarray, np.ndarray]:
-    "P^k and P^-k (mod 2^64) for k < L."
-    if len(_POW['p']) < L:
-        n = max(L, 2 * len(_POW['p']))
-        _POW['p'], _POW['q'] = _cumpow(_P, n), _cumpow(pow(_P, -1, 1 << 64), n)
-    return _POW['p'][:L], _POW['q'][:L]
-
-def _cumpow(b:int, n:int)->np.ndarray:
-    "b^0 .. b^(n-1) modulo 2^64."
-    out = np.empty(n, np.uint64); out[0] = 1
-    if n > 1:
-        with np.errstate(over='ignore'): out[1:] = np.cumprod(np.full(n - 1, b, np.uint64))
-    return out
-
-def word_ids(words:list[str])->np.ndarray:
-    "Stable uint64 id of every word."
-    if len(_IDS) > 5_000_000: _IDS.clear()  # bound the cache on web-scale vocabularies
-    return np.fromiter(map(_IDS.__getitem__, words), np.uint64, len(words))
-
-def ngram_hashes_multi(ids:np.ndarray, # (L,) word ids
-                       lens:Iterable[int], # n-gram lengths
-                      )->list[np.ndarray]:
-    "uint64 hashes of all n-grams of `ids` for every n in `lens` (empty for n > L)."
-    L = len(ids)
-    lens = list(lens)
-    if L == 0 or min(lens, default=L + 1) > L: return [np.empty(0, np.uint64) for _ in lens]
-    p, q = _powers(L + 1)
-    with np.errstate(over='ignore'):
-        G = np.zeros(L + 1, np.uint64); np.cumsum(ids * q[:L], out=G[1:])
-        return [(G[n:] - G[:L - n + 1]) * p[n - 1:L] + np.uint64(n * 0x632BE59BD9B4E019 % (1 << 64)) if n <= L
-                else np.empty(0, np.uint64) for n in lens]
-
-def ngram_hashes(ids:np.ndarray, # (L,) word ids
-                 n:int,          # n-gram length
-                 whole:bool=False, # if L < n, return one hash of the whole sequence instead of none
-                )->np.ndarray:
-    "uint64 hashes of every n-gram of `ids` (L-n+1 of them)."
-    if len(ids) < n and whole and len(ids): n = len(ids)
-    return ngram_hashes_multi(ids, [n])[0]
+__all__ = ['TINYWORLD_TEXT_KEYS', 'CLEAN', 'PARTIAL', 'CONTAMINATED', 'Benchmark', 'load_gsm8k', 'load_math', 'load_humaneval',
+           'benchmark_from_items', 'tinyworld_benchmarks', 'eval_benchmarks', 'DecontamIndex', 'check', 'check_batch',
+           'decontaminate', 'filter_clean', 'contamination_report', 'report_markdown', 'write_report',
+           'realistic_corpus', 'decontam_benchmark']
 
 # %% ../nbs/13_decontam.ipynb #cc01ee18
 @dataclass
@@ -193,7 +135,7 @@ class DecontamIndex:
             if b.name in self.names: raise ValueError(f"benchmark {b.name!r} given twice")
             self.names.append(b.name)
             for it in b.items:
-                ids = word_ids(normalize(it['text']))
+                ids = word_ids(words(it['text']))
                 self.item_ids.append(str(it['id'])); bench_of.append(len(self.names) - 1); nw.append(len(ids))
                 h13.append(np.unique(ngram_hashes(ids, n_long, whole=True)))
                 h7.append(np.unique(ngram_hashes(ids, n_short, whole=True)))
@@ -228,9 +170,9 @@ class DecontamIndex:
         if min_docs < 1: raise ValueError(f"min_docs must be >= 1, got {min_docs}")
         counts, it = {}, iter(_progress(reference, progress, 'allowed 13-grams'))
         while chunk := [d if isinstance(d, str) else d['text'] for d in itertools.islice(it, 256)]:
-            words = [normalize(t) for t in chunk]
-            lens = np.array([len(w) for w in words], np.int64)
-            hits, _ = _batch_hits(self, word_ids(list(itertools.chain.from_iterable(words))),
+            ws = [words(t) for t in chunk]
+            lens = np.array([len(w) for w in ws], np.int64)
+            hits, _ = _batch_hits(self, word_ids(list(itertools.chain.from_iterable(ws))),
                                   np.repeat(np.arange(len(chunk)), lens), np.cumsum(lens), True)
             for hs in hits.values():
                 for h in hs: counts[h] = counts.get(h, 0) + 1  # documents containing each benchmark 13-gram
@@ -308,7 +250,7 @@ def _result(ix:DecontamIndex, hit13, hit7, n_doc7:int, per_benchmark:bool)->dict
 
 def check(ix:DecontamIndex, text:str, per_benchmark:bool=False)->dict:
     "Classify one training text as clean / partial / contaminated against the index."
-    ids = word_ids(normalize(text))
+    ids = word_ids(words(text))
     hit13, _ = ix.probe(ids, long=True)
     hit7, g7 = ix.probe(ids, long=False)
     return _result(ix, hit13, hit7, max(1, len(set(g7.tolist()))), per_benchmark)  # distinct 7-grams of the document
@@ -335,9 +277,9 @@ def _batch_hits(ix:DecontamIndex, ids:np.ndarray, doc_of:np.ndarray, ends:np.nda
 
 def check_batch(ix:DecontamIndex, texts:list[str], per_benchmark:bool=False)->list[dict]:
     "`check` for many texts at once (same results, less overhead per document)."
-    words = [normalize(t) for t in texts]
-    lens = np.array([len(w) for w in words], np.int64)
-    ids = word_ids(list(itertools.chain.from_iterable(words)))
+    ws = [words(t) for t in texts]
+    lens = np.array([len(w) for w in ws], np.int64)
+    ids = word_ids(list(itertools.chain.from_iterable(ws)))
     ends = np.cumsum(lens); doc_of = np.repeat(np.arange(len(texts)), lens)
     h13, _ = _batch_hits(ix, ids, doc_of, ends, True)
     h7, g7 = _batch_hits(ix, ids, doc_of, ends, False)

@@ -5,7 +5,8 @@ Run: pytest tests/test_decontam.py
 import json, pickle
 import pytest
 from phi4_nb.sources import default_data_root as data_root
-from phi4_nb.decontam import (normalize, Benchmark, DecontamIndex, check, decontaminate, filter_clean, contamination_report,
+from phi4_nb.text import words as normalize
+from phi4_nb.decontam import (Benchmark, DecontamIndex, check, decontaminate, filter_clean, contamination_report,
                               write_report, read_jsonl, load_gsm8k, load_math, load_humaneval, eval_benchmarks,
                               benchmark_from_items)
 
@@ -169,7 +170,8 @@ def test_7gram_ratio_with_short_items_present():
 def test_check_batch_equals_check():
     "The batched path (one hash stream, boundary-crossing n-grams dropped) gives exactly check's results."
     import random
-    from phi4_nb.decontam import check_batch, word_ids
+    from phi4_nb.decontam import check_batch
+    from phi4_nb.text import word_ids
     he = load_humaneval()
     ix = DecontamIndex([Benchmark('he', he.items[:40]), _bench('Compute 8 choose 4.', ' '.join(WORDS[:16]), 'why')],
                        info_7gram_threshold=0.1, contaminated_7gram_threshold=0.4)
