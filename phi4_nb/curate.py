@@ -4,20 +4,21 @@
 
 # %% ../nbs/12_curate.ipynb #8e6b5cf9
 from __future__ import annotations
-import hashlib, json, math, os, random, re, tempfile, time, unicodedata, zlib
+import hashlib, json, math, os, random, re, tempfile, time, zlib
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
+from .text import canonical, words, word_ids, ngram_hashes
 
 # %% auto #0
 __all__ = ['OUTLIER_SIDES', 'MIN_IQR', 'QUALITY_PROMPT', 'text_stats', 'OutlierFilter', 'LLMAnnotator', 'engine_generate_fn',
            'annotate', 'hash_features', 'featurize', 'QualityClassifier', 'prf', 'roc_auc', 'classification_report',
-           'train_quality_classifier', 'normalize_text', 'text_hash', 'shingles', 'NearDedup', 'reasoning_score',
-           'split_passages', 'select_seeds', 'CurateConfig', 'curate_stream', 'curate', 'curate_jsonl',
-           'train_classifier_jsonl', 'select_seeds_jsonl']
+           'train_quality_classifier', 'normalize_text', 'text_hash', 'shingles', 'shingle_hashes', 'jaccard',
+           'lsh_curve', 'lsh_params', 'NearDedup', 'reasoning_score', 'split_passages', 'select_seeds', 'CurateConfig',
+           'curate_stream', 'curate', 'curate_jsonl', 'train_classifier_jsonl', 'select_seeds_jsonl']
 
 # %% ../nbs/12_curate.ipynb #d00c80b6
 _WORD = re.compile(r"\w+", re.U)
@@ -280,43 +281,92 @@ def train_quality_classifier(docs:list[dict], # documents to label and learn fro
 
 # %% ../nbs/12_curate.ipynb #bd9d903e
 def normalize_text(text:str)->str:
-    "NFKC, lowercase, collapse whitespace: the key for exact-duplicate detection."
-    return " ".join(unicodedata.normalize('NFKC', text).lower().split())
+    "`text.canonical` form, case-folded, whitespace collapsed: the key for exact-duplicate detection."
+    return " ".join(canonical(text).casefold().split())
 
 def text_hash(text:str)->str:
     "sha1 of the normalised text."
     return hashlib.sha1(normalize_text(text).encode('utf-8')).hexdigest()
 
-def shingles(text:str, k:int=5)->set[bytes]:
-    "Word k-shingles of the normalised text (short texts: the whole text)."
-    ws = _WORD.findall(normalize_text(text))
-    if len(ws) <= k: return {" ".join(ws).encode()}
-    return {" ".join(ws[i:i + k]).encode() for i in range(len(ws) - k + 1)}
+def shingles(text:str, k:int=5)->set[str]:
+    "Word k-shingles of `text` (words of `text.words`; a text of k words or fewer is one shingle, no words none)."
+    ws = words(text)
+    if len(ws) <= k: return {" ".join(ws)} if ws else set()
+    return {" ".join(ws[i:i + k]) for i in range(len(ws) - k + 1)}
+
+def shingle_hashes(text:str, k:int=5)->np.ndarray:
+    "Sorted distinct uint64 hashes of the word k-shingles of `text` (the hashed form of `shingles`)."
+    return np.unique(ngram_hashes(word_ids(words(text)), k, whole=True))
+
+def jaccard(a:np.ndarray, b:np.ndarray)->float:
+    "Exact Jaccard similarity of two arrays of distinct values, such as `shingle_hashes` (two empty sets: 1.0)."
+    inter = len(np.intersect1d(a, b, assume_unique=True)); union = len(a) + len(b) - inter
+    return inter / union if union else 1.0
+
+# %% ../nbs/12_curate.ipynb #5e8b34a1
+def lsh_curve(s, b:int, r:int):
+    "Probability that two sets of Jaccard `s` share at least one of `b` LSH bands of `r` MinHash rows."
+    return 1 - (1 - np.asarray(s, float) ** r) ** b
+
+def lsh_params(threshold:float, # Jaccard similarity that must be caught
+               num_perm:int=128, # MinHash permutations to cut into bands
+               recall:float=0.99, # least probability that a pair at `threshold` becomes a candidate
+              )->tuple[int, int]:
+    "(bands, rows): the longest rows r, with b = num_perm // r >= 2 bands, whose `lsh_curve(threshold)` >= recall."
+    best = None
+    for r in range(1, num_perm // 2 + 1):
+        if lsh_curve(threshold, num_perm // r, r) >= recall: best = (num_perm // r, r)
+    if best is None: raise ValueError(f"no bands of {num_perm} permutations reach recall {recall} at J = {threshold}")
+    return best
+
+# %% ../nbs/12_curate.ipynb #9c4e27d2
+def _same(h): return h   # shingle hashes are already 64-bit hashes; MinHash's affine64 scheme pre-mixes them
 
 class NearDedup:
-    "Streaming near-duplicate detector: MinHash-LSH over word shingles (datasketch)."
-    def __init__(self, threshold:float=0.7, # Jaccard similarity above which two docs are duplicates
+    """Streaming near-duplicate detector: MinHash-LSH candidates over word shingles (datasketch), each verified
+    against the threshold. Memory per indexed document, besides the LSH bands: 8 bytes per distinct shingle
+    (about 8 bytes per word) with `verify='exact'`, 8 * num_perm bytes with `verify='minhash'`, none with None."""
+    def __init__(self, threshold:float=0.7, # documents with shingle Jaccard >= this are duplicates
                  num_perm:int=128, # MinHash permutations
                  k:int=5, # words per shingle
-                 seed:int=1):
-        from datasketch import MinHashLSH
-        self.threshold, self.num_perm, self.k, self.seed = threshold, num_perm, k, seed
-        from datasketch import MinHash
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm); self.n = 0
-        t = MinHash(num_perm=num_perm, seed=seed)
-        self._perm, self._scheme = t.permutations, getattr(t, 'scheme', None)  # generated once, shared by every signature
+                 seed:int=1, # MinHash permutation seed
+                 verify:str|None='exact', # 'exact' (stored shingle sets), 'minhash' (signature estimate) or None
+                 params:tuple[int, int]|None=None, # LSH (bands, rows); default `lsh_params(threshold, num_perm)`
+                ):
+        from datasketch import MinHash, MinHashLSH
+        if verify not in ('exact', 'minhash', None):
+            raise ValueError(f"verify must be 'exact', 'minhash' or None, got {verify!r}")
+        self.threshold, self.num_perm, self.k, self.seed, self.verify = threshold, num_perm, k, seed, verify
+        self.params = tuple(params) if params is not None else lsh_params(threshold, num_perm)
+        self.lsh = MinHashLSH(num_perm=num_perm, params=self.params)
+        self._empty = MinHash(num_perm=num_perm, seed=seed, hashfunc=_same, scheme='affine64')  # permutations made once
+        self._kept, self._order = {}, {}   # key -> what verification compares with; key -> insertion index
+        self.n = self.n_candidates = self.n_rejected = 0
 
-    def minhash(self, text:str):
-        from datasketch import MinHash
-        kw = dict(scheme=self._scheme) if self._scheme else {}
-        m = MinHash(num_perm=self.num_perm, seed=self.seed, permutations=self._perm, **kw); m.update_batch(list(shingles(text, self.k))); return m
+    def minhash(self, text:str|np.ndarray):
+        "MinHash signature of a text (or of its `shingle_hashes`)."
+        m = self._empty.copy()
+        m.update_batch(shingle_hashes(text, self.k) if isinstance(text, str) else text)
+        return m
+
+    def similarity(self, h:np.ndarray, m, key)->float:
+        "Similarity of a document (shingle hashes `h`, signature `m`) to the indexed `key`, as `verify` measures it."
+        if self.verify is None: return 1.0
+        return jaccard(h, self._kept[key]) if self.verify == 'exact' else m.jaccard(self._kept[key])
 
     def check(self, text:str, key:str|None=None)->str|None:
         "If `text` near-duplicates a document seen before, return that document's key; else index it and return None."
-        m = self.minhash(text)
-        hits = self.lsh.query(m)
-        if hits: return sorted(hits)[0]
-        self.lsh.insert(key if key is not None else str(self.n), m); self.n += 1
+        h = shingle_hashes(text, self.k); m = self.minhash(h); best = None
+        for c in self.lsh.query(m):
+            s = self.similarity(h, m, c); self.n_candidates += 1
+            if s < self.threshold - 1e-9: self.n_rejected += 1; continue   # tolerance: a ratio like 7/10 is exactly 0.7
+            rank = (-s, self._order[c])                                      # most similar first, then earliest
+            if best is None or rank < best[0]: best = (rank, c)
+        if best is not None: return best[1]
+        key = key if key is not None else str(self.n)
+        self.lsh.insert(key, m)
+        if self.verify is not None: self._kept[key] = h if self.verify == 'exact' else m
+        self._order[key] = self.n; self.n += 1
         return None
 
 # %% ../nbs/12_curate.ipynb #ea0c9cce
@@ -386,7 +436,8 @@ class CurateConfig:
     fit_sample:int=5000            # documents used to fit the outlier fences
     quality_threshold:float=0.5    # keep pages with classifier score >= this (if a classifier is given)
     near_dedup:bool=True
-    near_threshold:float=0.7       # Jaccard threshold for MinHash-LSH
+    near_threshold:float=0.7       # shingle Jaccard at or above which a document is a near duplicate
+    near_verify:str|None='exact'   # NearDedup verification: 'exact' sets, 'minhash' (low memory) or None
     num_perm:int=128
     shingle_k:int=5
     seed:int=0
@@ -403,7 +454,8 @@ def curate_stream(docs:Iterable[dict], # input documents
                   stats_of:Callable[[dict], dict]|None=None, # doc -> text_stats (to reuse precomputed statistics)
                  )->Iterator[dict]:
     "Yield the documents that pass every filter; count removals in `stats`."
-    seen, nd = set(), (NearDedup(cfg.near_threshold, cfg.num_perm, cfg.shingle_k) if cfg.near_dedup else None)
+    seen, nd = set(), (NearDedup(cfg.near_threshold, cfg.num_perm, cfg.shingle_k, verify=cfg.near_verify)
+                       if cfg.near_dedup else None)
     for k in ('n_in', 'n_out', 'chars_in', 'chars_out', 'exact_dup', 'outlier', 'quality', 'near_dup'): stats.setdefault(k, 0)
     stats.setdefault('outlier_reasons', {})
     def drop(d, why):

@@ -271,15 +271,21 @@ class HumanEvalTask(Task):
     timeout:float=3.0           # per program, as in simple-evals
     code_mode:str="simple-evals"
     workers:int|None=None
+    sandbox:dict|None=None      # further `run_program` settings (memory_mb, layers, ...)
     def prompt(self, item): return user(HUMANEVAL_INSTRUCTION + item["prompt"])
     def score(self, items, completions):
         codes = [extract_code(c, self.code_mode) for c in completions]
         res = run_many([humaneval_program(it, code) for it, code in zip(items, codes)], workers=self.workers,
-                       timeout=self.timeout, progress=False)
-        return [dict(extracted=code, correct=r.passed, status=r.status, stderr=r.stderr[-300:]) for code, r in zip(codes, res)]
+                       timeout=self.timeout, progress=False, **(self.sandbox or {}))
+        return [dict(extracted=code, correct=r.passed, status=r.status, stderr=r.stderr[-300:], isolation=r.isolation,
+                     missing=r.missing) for code, r in zip(codes, res)]
     def item_stats(self, recs):
         n, c = len(recs), sum(r["correct"] for r in recs)
         return {f"pass@{k}": pass_at_k(n, c, k) for k in self.ks if k <= n}
+    def summary(self, items, recs, seed):
+        "How isolated the programs were: a degraded sandbox is named in the result, not only in each record."
+        miss = sorted({m for rs in recs for r in rs for m in r.get("missing", [])})
+        return {"sandbox": {"isolation": "degraded" if miss else "full", "missing": miss}}
     def config(self): return {**super().config(), "ks": list(self.ks), "timeout": self.timeout, "code_mode": self.code_mode}
 
 @dataclass

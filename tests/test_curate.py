@@ -77,6 +77,76 @@ def test_near_dedup_removes_planted_copies(docs):
     assert sum(h == f"b{i}" for i, h in enumerate(hits)) >= 38
     assert text_hash("A  b\tC") == text_hash("a b c") != text_hash("a b d")
 
+def _pair(j, rng, union=60, k=5):
+    "Texts of distinct words whose k-shingle sets have Jaccard exactly j: own words first, then a shared run."
+    inter = round(j * union); assert abs(inter - j * union) < 1e-9
+    ws = [f"t{x}" for x in rng.sample(range(10 ** 8), union + k - 1)]
+    own, shared = ws[:union - inter], ws[union - inter:]
+    return " ".join(own[:len(own) // 2] + shared), " ".join(own[len(own) // 2:] + shared)
+
+def _removed(j, n, seed=0, **kw):
+    "Share of n pairs at Jaccard j whose second text a fresh NearDedup(**kw) reports as a copy of the first."
+    from phi4_nb.curate import shingles
+    rng, hit = random.Random(f"{seed}:{j}"), 0
+    for _ in range(n):
+        a, b = _pair(j, rng); sa, sb = shingles(a), shingles(b)
+        assert len(sa | sb) == 60 and len(sa & sb) == round(60 * j)          # the construction is exact
+        nd = NearDedup(**kw); assert nd.check(a, 'a') is None
+        hit += nd.check(b, 'b') == 'a'
+    return hit / n
+
+def test_near_dedup_removal_curve_exact():
+    "The default detector removes a pair iff its shingle Jaccard reaches 0.7 (the unverified one fails this)."
+    n = 300
+    for j in (0.3, 0.5, 0.55, 0.6, 0.65):
+        assert _removed(j, n) <= 0.01, j
+    assert _removed(0.7, n) >= 0.95
+    for j in (0.75, 0.8, 0.9):
+        assert _removed(j, n) >= 0.97, j
+
+def test_near_dedup_removal_curve_minhash():
+    "The low-memory detector verifies with the MinHash estimate: a ramp around 0.7, none far below, all far above."
+    for j in (0.3, 0.5, 0.55):
+        assert _removed(j, 300, verify='minhash') <= 0.01, j
+    for j in (0.8, 0.9):
+        assert _removed(j, 300, verify='minhash') >= 0.97, j
+    assert 0.2 <= _removed(0.7, 300, verify='minhash') <= 0.8              # the estimate's noise splits pairs at 0.7
+
+def test_lsh_params_and_curve():
+    from phi4_nb.curate import lsh_params, lsh_curve
+    assert lsh_params(0.7, 128) == (32, 4) and NearDedup().params == (32, 4)
+    for t in (0.5, 0.6, 0.7, 0.8, 0.9):
+        for n in (64, 128, 256):
+            b, r = lsh_params(t, n)
+            assert b == n // r >= 2 and lsh_curve(t, b, r) >= 0.99 and lsh_curve(t, n // (r + 1), r + 1) < 0.99
+    assert np.allclose(lsh_curve([0.0, 1.0], 32, 4), [0.0, 1.0]) and abs(lsh_curve(0.5, 2, 1) - 0.75) < 1e-12
+    with pytest.raises(ValueError, match='no bands'): lsh_params(0.01, 128)
+    with pytest.raises(ValueError, match='verify must be'): NearDedup(verify='approx')
+
+def test_near_dedup_check_semantics():
+    "check returns the most similar verified earlier key (ties: earliest), else indexes the text under its key."
+    from phi4_nb.curate import jaccard, shingle_hashes
+    q = [f"w{i}" for i in range(60)]
+    x1, x2 = q[:57] + ["x", "y", "z"], [f"v{i}" for i in range(8)] + q[8:]
+    sim = lambda u, v: jaccard(shingle_hashes(" ".join(u)), shingle_hashes(" ".join(v)))
+    assert sim(q, x1) > sim(q, x2) >= 0.7 > sim(x1, x2)
+    nd = NearDedup()
+    assert [nd.check(" ".join(x), k) for x, k in [(x2, 'x2'), (x1, 'x1'), (q, 'q')]] == [None, None, 'x1']
+    assert nd.n == 2 and nd.n_rejected >= 1                                 # x1 was a candidate of x2, rejected
+    nd = NearDedup()
+    assert nd.check("one two three four five six", None) is None and nd.check("One two three four five six!") == '0'
+    y1, y2 = [f"b{i}" for i in range(8)] + q[8:], q[:52] + [f"a{i}" for i in range(8)]   # 0.75 with q each, 0.56 apart
+    assert sim(q, y1) == sim(q, y2) and sim(y1, y2) < 0.7
+    got = [nd.check(" ".join(x), k) for x, k in [(y1, 'y1'), (y2, 'a'), (q, 'q')]]
+    assert got == [None, None, 'y1']                                        # a tie: the earliest, not the smallest key
+    with pytest.raises(ValueError, match='already exists'): nd.check("entirely new words here now", 'a')
+    nd = NearDedup(verify=None)                                             # unverified: any LSH candidate counts
+    assert [nd.check(" ".join(x), k) for x, k in [(x2, 'x2'), (x1, 'x1')]] == [None, 'x2']
+    docs = [dict(id='a', text=" ".join(q)), dict(id='b', text=" ".join(x2)), dict(id='c', text=" ".join(x1))]
+    for verify, n_out in (('exact', 1), ('minhash', 1), (None, 1)):
+        assert curate(docs, outliers=False, near_verify=verify, progress=False)[1]['n_out'] == n_out
+    assert curate(docs[1:], outliers=False, progress=False)[1]['near_dup'] == 0            # x1 vs x2: 0.67 < 0.7
+
 def test_curate_pipeline_removes_noise_and_reposts(docs):
     removed = []
     kept, st = curate(docs, classifier=None, progress=False, removed=removed)

@@ -2,12 +2,13 @@
 
 Run: pytest tests/test_decontam.py
 """
-import json, pickle
+import json, pickle, unicodedata
+import numpy as np
 import pytest
 from phi4_nb.sources import default_data_root as data_root
 from phi4_nb.text import words as normalize
 from phi4_nb.decontam import (Benchmark, DecontamIndex, check, decontaminate, filter_clean, contamination_report,
-                              write_report, read_jsonl, load_gsm8k, load_math, load_humaneval, eval_benchmarks,
+                              write_report, report_markdown, read_jsonl, load_gsm8k, load_math, load_humaneval, eval_benchmarks,
                               benchmark_from_items)
 
 WORDS = [f'w{i}' for i in range(40)]
@@ -57,27 +58,118 @@ def test_13gram_match_wins_and_lists_items():
 
 def test_short_items_and_documents():
     ix = DecontamIndex([_bench('Compute 8 choose 4.', 'Evaluate the sum of the first ten odd numbers please')])  # 4 and 10 words
-    assert ix.lens13 == [4, 10, ] and ix.lens7 == [4, 7]
+    assert ix.lens_whole == [4] and ix.n7.tolist() == [0, 4] and ix.unindexed == []
     assert check(ix, 'Exercise: compute 8 choose 4!')['status'] == 'contaminated'
-    assert check(ix, 'evaluate the sum of the first ten odd numbers please')['reason'] == '13-gram'
     assert check(ix, 'compute 8 choose')['status'] == 'clean'
     assert check(ix, '')['status'] == 'clean'
     with pytest.raises(ValueError, match='at least one'): DecontamIndex([_bench()])
+    with pytest.raises(ValueError, match='min_words'): DecontamIndex([_bench('x y z')], min_words=0)
+
+
+def test_items_of_7_to_12_words_are_7gram_matches():
+    "An item with no 13-gram is judged by the 7-gram rule, and its verbatim copy says so (not '13-gram')."
+    for n in (7, 9, 12):
+        item = ' '.join(WORDS[:n])
+        ix = DecontamIndex([_bench(item)])
+        r = check(ix, 'copied: ' + item + ' end of copy')
+        assert (r['status'], r['reason'], r['items'], r['ratio']) == ('contaminated', '7-gram', ['b/0'], 1.0), n
+        assert len(ix.h13) == 0 and ix.lens_whole == []
+    ten = 'Evaluate the sum of the first ten odd numbers please'
+    ix = DecontamIndex([_bench(ten, ' '.join(WORDS[:20]))])
+    assert check(ix, ten)['reason'] == '7-gram'
+    assert check(ix, 'so: ' + ' '.join(WORDS[:14]))['reason'] == '13-gram'     # a long item still matches by 13-grams
+    rep = contamination_report([ten, ' '.join(WORDS[:14])], ix, progress=False)['benchmarks']['b']
+    assert (rep['docs_contaminated_7gram'], rep['docs_contaminated_13gram']) == (1, 1)
+
+
+def test_short_items_rule():
+    "Under min_words (3) an item is not indexed; 3-6 words match whole unless common in the reference corpus."
+    ix = DecontamIndex([_bench('why', 'What is 2 + 2?', 'Where do Varo herons nest?')])
+    assert check(ix, 'Why? Nobody knows why the sky is blue.')['status'] == 'clean'     # "why" flags nothing
+    assert ix.unindexed == ['b/0'] and ix.lens_whole == [4, 5]
+    assert check(ix, 'Quick one: what is 2 + 2? Four.')['reason'] == 'whole-item'
+    r = check(ix, 'Field notes. Where do Varo herons nest? On the cliffs.')
+    assert (r['status'], r['reason'], r['items']) == ('contaminated', 'whole-item', ['b/2'])
+    assert check(ix, 'where do varo herons')['status'] == 'clean'                 # part of a short item is not the item
+    reference = [f'Lesson {i}: what is 2 + 2? Count on your fingers.' for i in range(6)]
+    ix.allow_common(reference, min_docs=5)
+    assert ix.generic == ['b/1']
+    assert check(ix, 'Quick one: what is 2 + 2? Four.')['status'] == 'clean'      # generic: common in the reference
+    assert check(ix, 'Field notes. Where do Varo herons nest?')['status'] == 'contaminated'  # distinctive: still caught
+    rep = contamination_report(['what is 2 + 2', 'where do varo herons nest', 'why'], ix, progress=False)
+    b = rep['benchmarks']['b']
+    assert (b['items_unindexed'], b['items_generic'], b['docs_contaminated_whole'], b['docs_flagged']) == (1, 1, 1, 1)
+    assert (rep['n_unindexed_items'], rep['n_generic_items']) == (1, 1)
+    assert '| docs_contaminated_whole |' in report_markdown(rep)
 
 
 def test_allowed_13grams_from_reference():
-    boiler = 'a i only b ii only c iii only d ii and iii only'
-    item = f'which is true about the heron of varo that nests on high cliffs and hatches its eggs after forty days {boiler}'
-    ix = DecontamIndex([_bench(item)])
+    boiler = 'a i only b ii only c iii only d ii and iii only'          # 14 words: two 13-grams
+    items = [f'which is true about the heron of {p} that nests on high cliffs and hatches its eggs after forty days {boiler}'
+             for p in ('varo', 'tell')]
+    ix = DecontamIndex([_bench(*items)])
     filler = ' '.join(f'f{j}' for j in range(40))
     ref = [f'question {i} {filler} {boiler}' for i in range(6)]   # boilerplate inside a longer text
     assert check(ix, ref[0])['reason'] == '13-gram'
     assert len(ix.allow_common(ref[:4], min_docs=5)) == 0        # not common enough yet
-    assert len(ix.allow_common(ref, min_docs=5)) >= 1
+    assert len(ix.allow_common(ref, min_docs=5)) == 2
     r = check(ix, ref[0])                                         # the 7-gram rule has no allowed list: partial at most
     assert (r['status'], r['reason']) == ('partial', '7-gram')
-    assert check(ix, item)['status'] == 'contaminated'
+    assert check(ix, items[0])['status'] == 'contaminated'
     with pytest.raises(ValueError, match='min_docs'): ix.allow_common(ref, min_docs=0)
+    with pytest.raises(ValueError, match='min_items'): ix.allow_common(ref, min_items=1)
+    with pytest.raises(ValueError, match='independent'): ix.allow_common(ref, train=ref)
+
+
+def test_allowed_needs_reference_train_and_several_items():
+    "Allowed = in >= min_docs reference docs AND (when train is given) in the training set AND in >= min_items items."
+    boiler = 'a i only b ii only c iii only d ii and iii only'
+    items = [f'statement {k} about the heron of varo and its nest on the high cliffs {boiler}' for k in ('one', 'two', 'three')]
+    filler = ' '.join(f'f{j}' for j in range(40))
+    ref = [f'quiz {i} {filler} {boiler}' for i in range(6)]
+    train_with, train_without = ['the options were ' + boiler, 'nothing here'], ['nothing here', 'nor here']
+    assert len(DecontamIndex([_bench(*items)]).allow_common(ref, train=train_with)) == 2
+    assert len(DecontamIndex([_bench(*items)]).allow_common(ref, train=train_without)) == 0  # not in the training set
+    assert len(DecontamIndex([_bench(*items)]).allow_common(ref, min_items=4)) == 0           # shared by 3 items only
+    assert len(DecontamIndex([_bench(items[0])]).allow_common(ref)) == 0                      # one item: never boilerplate
+    ix = DecontamIndex([_bench(*items)])
+    ix.allow_common(iter(ref), train=iter(train_with))                   # iterators are read once
+    assert len(ix.allowed) == 2 and check(ix, items[1])['status'] == 'contaminated'
+
+
+def _leak(item, n_copies=6, quote_words=14):
+    "Training docs with `item` copied whole into `n_copies` posts, and a long post quoting its first words."
+    filler = ' '.join(f'filler{j}' for j in range(80))
+    quote = filler + ' ' + ' '.join(item.split()[:quote_words]) + ' ' + filler
+    return [f'Post {i}: my homework tonight. {item} Any ideas?' for i in range(n_copies)], quote
+
+
+def test_leaked_item_never_allows_itself():
+    "A test item leaked into many training docs must not whitelist its own 13-grams: a partial copy stays caught."
+    item = ' '.join(WORDS + [f'v{i}' for i in range(20)])    # 60 words: the 14-word quote shares 8 of its 54 7-grams
+    leaky, quote = _leak(item)
+    ix = DecontamIndex([_bench(item, 'an unrelated second item about herons and cliffs and eggs and the long winter')])
+    assert check(ix, quote)['status'] == 'contaminated'
+    ix.allow_common(leaky + [quote], min_docs=5)         # even given the leaky corpus itself as the reference
+    assert len(ix.allowed) == 0
+    r = check(ix, quote)
+    assert (r['status'], r['reason'], r['items']) == ('contaminated', '13-gram', ['b/0'])
+    assert r['ratio'] <= ix.info                          # the 7-gram rule alone would have let the quote through
+    assert [x['status'] for x in decontaminate(leaky + [quote], ix, progress=False)] == ['contaminated'] * 7
+
+
+@needs_data
+def test_decontam_benchmark_catches_a_leaked_gsm8k_item():
+    "The benchmark run learns its allowed list from an independent reference, not from the docs it checks."
+    from phi4_nb.decontam import decontam_benchmark
+    g = load_gsm8k('test')
+    item = g.items[5]['text']
+    leaky, quote = _leak(item, quote_words=16)
+    rep = decontam_benchmark(docs=[{'id': f'leak{i}', 'text': t} for i, t in enumerate(leaky)] + [{'id': 'quote', 'text': quote}],
+                             progress=False)
+    s = rep['benchmarks']['gsm8k']
+    assert (s['docs_contaminated_13gram'], s['items_touched'], s['docs_flagged']) == (7, 1, 7)
+    assert rep['n_allowed_13grams'] == 0 and rep['reference'].startswith('reference_corpus')
 
 
 def test_bad_parameters_and_documents(tmp_path):
@@ -160,11 +252,11 @@ def test_7gram_ratio_with_short_items_present():
     "Short items add shorter gram lengths to the probe; the 7-gram overlap of normal items must still count."
     item = ' '.join(WORDS[:16])
     ix = DecontamIndex([_bench(item, 'Compute 8 choose 4.', 'why')], info_7gram_threshold=0.2, contaminated_7gram_threshold=0.3)
-    assert ix.lens7 == [1, 4, 7] and len(ix.short7) == 2
+    assert ix.lens_whole == [4] and len(ix.hw) == 1 and ix.unindexed == ['b/2']
     three = ' '.join(WORDS[:9]) + ' ' + ' '.join(f'f{i}' for i in range(20))
     r = check(ix, three)
     assert (r['status'], r['reason'], r['items']) == ('contaminated', '7-gram', ['b/0'])
-    assert check(ix, 'and why not compute 8 choose 4')['items'] == ['b/1', 'b/2']
+    assert check(ix, 'and why not compute 8 choose 4')['items'] == ['b/1']
 
 
 def test_check_batch_equals_check():
@@ -185,9 +277,55 @@ def test_check_batch_equals_check():
     assert len({r['status'] for r in want}) == 3                # the sample covers clean, partial and contaminated
     got = [r for r in decontaminate(texts, ix, progress=False, batch_size=7)]
     assert [{k: v for k, v in r.items() if k not in ('id', 'source', 'n_bytes')} for r in got] == want
-    # the allowed list counts documents the same way as the one-by-one probe
-    ref = texts[:120]
-    counts = {}
+    # the allowed list counts documents the same way as the one-by-one probe, and keeps only shared 13-grams
+    ref = texts[:120] + [he.items[3]['text']] * 2             # one item's own 13-grams made common: never allowed
+    counts, (h, c) = {}, np.unique(ix.h13, return_counts=True)
+    shared = set(h[c >= 2].tolist())
     for t in ref:
-        for h in ix.probe(word_ids(normalize(t)))[0]: counts[h] = counts.get(h, 0) + 1
-    assert sorted(h for h, c in counts.items() if c >= 2) == ix.allow_common(ref, min_docs=2).tolist()
+        for x in ix.probe(word_ids(normalize(t)))[0]: counts[x] = counts.get(x, 0) + 1
+    want = sorted(x for x, k in counts.items() if k >= 2 and x in shared)
+    assert want and len(want) < len([x for x, k in counts.items() if k >= 2])   # the sample exercises both conditions
+    assert want == ix.allow_common(ref, min_docs=2).tolist()
+
+
+GSM_LIKE = ("Zoë runs a café that sells 12 crêpes a day for $3 each. On Sundays she sells twice as many crêpes. "
+            "How much money does Zoë's café make from crêpes in a week?")
+DISGUISES = {
+    'decomposed accents': lambda t: unicodedata.normalize('NFD', t),
+    'fullwidth letters': lambda t: ''.join(chr(ord(c) + 0xFEE0) if '!' <= c <= '~' else c for c in t),
+    'soft hyphens': lambda t: ' '.join(w[:2] + '\u00ad' + w[2:] for w in t.split(' ')),
+    'zero-width spaces': lambda t: ' '.join(w[:1] + '\u200b' + w[1:] for w in t.split(' ')),
+}
+
+def _disguised():
+    out = {k: f(GSM_LIKE) for k, f in DISGUISES.items()}
+    t = GSM_LIKE
+    for f in DISGUISES.values(): t = f(t)
+    out['all four'] = t
+    assert all(v != GSM_LIKE for v in out.values())
+    return {k: 'From a homework site: ' + v + ' Thanks!' for k, v in out.items()}
+
+
+def test_unicode_disguised_copies_are_13gram_matches():
+    "A verbatim copy disguised by each Unicode trick, and by all of them, is a 13-gram match: check, batch and workers."
+    from phi4_nb.decontam import check_batch
+    ix = DecontamIndex([Benchmark('gsm', [{'id': 'gsm/0', 'text': GSM_LIKE}, {'id': 'gsm/1', 'text': ' '.join(WORDS[:20])}])])
+    docs = _disguised()
+    want = {'status': 'contaminated', 'reason': '13-gram', 'items': ['gsm/0']}
+    for name, t in docs.items():
+        assert {k: check(ix, t)[k] for k in want} == want, name
+    assert [{k: r[k] for k in want} for r in check_batch(ix, list(docs.values()))] == [want] * 5
+    got = list(decontaminate([{'id': k, 'text': t} for k, t in docs.items()] + ['clean filler'] * 3, ix, progress=False,
+                             workers=2, batch_size=2))
+    assert [r['id'] for r in got[:5]] == list(docs)
+    assert [{k: r[k] for k in want} for r in got[:5]] == [want] * 5 and got[5]['status'] == 'clean'
+
+
+def test_load_refuses_an_index_of_another_format(tmp_path):
+    ix = DecontamIndex([_bench(' '.join(WORDS[:20]))])
+    ix.format = 1                                         # as saved before short items and the allowed list changed
+    ix.save(tmp_path/'old.pkl')
+    with pytest.raises(ValueError, match='rebuild'): DecontamIndex.load(tmp_path/'old.pkl')
+    del ix.format                                         # indexes pickled by older versions have no format at all
+    ix.save(tmp_path/'older.pkl')
+    with pytest.raises(ValueError, match='format 1'): DecontamIndex.load(tmp_path/'older.pkl')

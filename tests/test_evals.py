@@ -239,6 +239,19 @@ def test_humaneval_task_in_sandbox(tmp_path):
     assert res["metrics"]["pass@4"] == pytest.approx(5 / 6)
     assert res["metrics"]["pass@2"] == pytest.approx(5 / 6 * (1 - 1 / 6))
     assert {s["status"] for s in res["samples"] if s["item_id"] == "HumanEval/5"} == {"failed"}
+    assert all(s["isolation"] in ("full", "degraded") for s in res["samples"])
+
+def test_humaneval_records_name_a_degraded_sandbox(tmp_path):
+    "Every record and the result say which kernel layers were missing when a program ran."
+    he = load_humaneval_items().subset(limit=2)
+    canon = {it["prompt"]: f"```python\ndef {it['entry_point']}(*a):\n{it['canonical_solution']}```" for it in he}
+    reply = lambda t, i, rng: next(v for k, v in canon.items() if t.endswith(k))
+    res = run_eval(HumanEvalTask(n=1, ks=(1,), sandbox=dict(layers=dict(netns=False))), FakeGenerator(reply), "m", he,
+                   tmp_path, progress=False)
+    assert res["metrics"]["pass@1"] == 1.0
+    assert [(s["isolation"], s["missing"]) for s in res["samples"]] == [("degraded", ["netns"])] * 2
+    assert res["details"]["sandbox"] == {"isolation": "degraded", "missing": ["netns"]}
+    assert read_samples(tmp_path / "m" / "humaneval.samples.jsonl")[0]["missing"] == ["netns"]
 
 def test_rescore_with_another_judge_without_generation(tmp_path):
     from phi4_nb.evals import rescore

@@ -1,14 +1,40 @@
-"Hostile programs against phi4_nb.sandbox: none may escape, and real HumanEval solutions must pass."
-import os, socket, sys, textwrap, time, json
+"""Hostile programs against phi4_nb.sandbox: nothing may escape or outlive a run, real HumanEval solutions pass,
+and a machine without the kernel layers says so.
+
+Run: pytest tests/test_sandbox.py
+"""
+import os, shutil, socket, subprocess, sys, tempfile, textwrap, time, json, secrets, warnings
 from pathlib import Path
 import pytest
-from phi4_nb.sandbox import run_program, run_many, probe_layers, load_humaneval, humaneval_program, _pids_of_uid
+from phi4_nb import sandbox
+from phi4_nb.sandbox import run_program, run_many, probe_layers, load_humaneval, humaneval_program
 
 LAYERS = probe_layers()
 IN_EFFECT = run_program("pass").layers          # what a default run really gets here
-needs_root = pytest.mark.skipif(not {"uid", "mountns"} <= set(IN_EFFECT), reason="uid/mount-namespace layers need root")
+FULL = {"pidns", "ipcns", "mountns", "rootfs", "quota"} <= set(IN_EFFECT)
+needs_full = pytest.mark.skipif(not FULL, reason="needs the PID, IPC and mount namespaces (root or a user namespace)")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 def prog(s): return textwrap.dedent(s)
+
+def live_tasks_named(name):
+    "Host threads called `name` that are not zombies (read from /proc, independently of the sandbox)."
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for t in os.listdir(f"/proc/{d}/task"):
+                with open(f"/proc/{d}/task/{t}/stat") as f: comm, rest = f.read().split(" (", 1)[1].rsplit(") ", 1)
+                if comm == name and rest[0] not in "ZX": out.append(int(t))
+        except OSError: pass
+    return out
+
+def sysv_keys():
+    keys = set()
+    for f in ("/proc/sysvipc/shm", "/proc/sysvipc/msg"):
+        with open(f) as fh: keys |= {int(l.split()[0]) for l in list(fh)[1:] if l.strip()}
+    return keys
+
+# --- the basics ---------------------------------------------------------------------------------------------------
 
 def test_plain_pass_and_fail():
     assert run_program("assert sum([1, 2]) == 3").status == "passed"
@@ -19,6 +45,121 @@ def test_infinite_loop_and_sleep_time_out():
     assert run_program("while True: pass", timeout=1).status == "timeout"
     assert run_program("import time; time.sleep(60)", timeout=1).status == "timeout"
 
+def test_full_isolation_here_is_reported_as_such():
+    r = run_program("pass")
+    if FULL:
+        assert r.isolation == "full" and r.missing == [], r
+        assert "pyguard" not in r.layers                       # no Python patches where the kernel does the job
+
+# --- the cases of the hardening issue: each failed on the earlier sandbox --------------------------------------------
+
+@needs_full
+def test_zombie_leader_with_a_live_thread_does_not_outlive_the_run():
+    name = "zl" + secrets.token_hex(4)
+    r = run_program(prog(f"""
+        import ctypes, os, threading, time
+        if os.fork() == 0:
+            if os.fork() == 0:
+                os.setsid()
+                def spin():
+                    ctypes.CDLL(None).prctl(15, b"{name}", 0, 0, 0)
+                    while True: time.sleep(0.01)
+                threading.Thread(target=spin).start(); time.sleep(0.2)
+                ctypes.CDLL(None).syscall(60 if os.uname().machine == "x86_64" else 93, 0)   # SYS_exit: the leader only
+            os._exit(0)
+        time.sleep(0.5)
+    """))
+    assert r.status == "passed", r
+    assert live_tasks_named(name) == []
+
+@needs_full
+def test_sysv_ipc_objects_do_not_outlive_the_run():
+    key = 0x51000000 + secrets.randbelow(1 << 20)
+    r = run_program(prog(f"""
+        import ctypes
+        libc = ctypes.CDLL(None)
+        assert libc.shmget({key}, 1 << 20, 0o1666) >= 0 and libc.msgget({key}, 0o1666) >= 0
+    """))
+    assert r.status == "passed", r
+    assert key not in sysv_keys()
+
+def test_deep_directory_chain_neither_crashes_cleanup_nor_loses_the_batch(tmp_path):
+    deep = "import os\nfor _ in range(1500): os.mkdir('d'); os.chdir('d')\nos.chmod('.', 0)"
+    rs = run_many([deep, "assert 1", "assert 0"], workers=2, progress=False, base_dir=str(tmp_path), timeout=20)
+    assert [r.status for r in rs] == ["passed", "passed", "failed"], rs
+    assert all(r.cleanup_error is None for r in rs) and os.listdir(tmp_path) == []
+
+@needs_full
+def test_the_work_area_has_a_size_limit():
+    r = run_program(prog("""
+        import os
+        n = 0
+        try:
+            for i in range(100):
+                with open(f"f{i}", "wb") as f: f.write(b"x" * (4 << 20)); n += 4
+        except OSError: pass
+        try:
+            for i in range(100):
+                with open(f"/tmp/t{i}", "wb") as f: f.write(b"x" * (4 << 20)); n += 4
+        except OSError: pass
+        print(n)
+    """), disk_mb=32, timeout=20)
+    assert r.status == "passed" and int(r.stdout) <= 32, r        # work dir and /tmp share the one quota
+
+@needs_full
+def test_host_processes_are_invisible():
+    token = secrets.token_hex(16)
+    keeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", token], env={"T": token})
+    try:
+        r = run_program(prog("""
+            import os
+            for d in os.listdir("/proc"):
+                for f in ("cmdline", "environ"):
+                    try: print(open(f"/proc/{d}/{f}", "rb").read())
+                    except Exception: pass
+            print(len([d for d in os.listdir("/proc") if d.isdigit()]), "processes")
+        """), tail_chars=1 << 20)
+    finally: keeper.kill(); keeper.wait()
+    assert r.status == "passed" and token not in r.stdout, r
+    assert r.stdout.strip().endswith("2 processes")               # the namespace's init and the program
+
+def test_a_disarmed_exit_cannot_turn_a_failure_into_a_pass():
+    p0 = load_humaneval()[0]
+    wrong = "    return False\nimport os, sys\nos._exit = sys.exit = lambda *a: None\n"
+    assert run_program(humaneval_program(p0, wrong)).status == "failed"
+    assert run_program(humaneval_program(p0, p0["canonical_solution"])).status == "passed"
+
+@needs_root
+def test_fallback_layers_are_reported_and_warned_and_block_the_other_names(tmp_path):
+    "Without namespaces (and, as root, without a uid of its own) the Python guard covers posix.* and _socket too."
+    canary = tmp_path / "c.txt"; canary.write_text("alive")
+    code = prog(f"""
+        import posix, _socket
+        for what, fn in (("unlink", lambda: posix.unlink({str(canary)!r})), ("socket", lambda: _socket.SocketType()),
+                         ("fork", posix.fork), ("open", lambda: posix.open({str(canary)!r}, posix.O_WRONLY))):
+            try: fn(); raise SystemExit("escaped: " + what)
+            except PermissionError: pass
+    """)
+    none = dict(mountns=False, netns=False, ipcns=False, pidns=False, utsns=False, uid=False, userns=False)
+    sandbox._WARNED.clear()
+    with pytest.warns(sandbox.SandboxWarning, match="degraded"):
+        r = run_program(code, layers=none)
+    assert r.status == "passed" and canary.read_text() == "alive", r
+    assert r.isolation == "degraded" and {"pidns", "netns", "mountns", "rootfs", "uid|nocaps"} <= set(r.missing)
+    assert {"pyfiles", "nofork", "nosocket", "pyguard"} <= set(r.layers)
+    assert run_program("pass", layers=dict(netns=False)).missing == ["netns"]
+
+# --- limits -------------------------------------------------------------------------------------------------------
+
+def test_memory_blowup_fails_cleanly():
+    r1 = run_program("x = bytearray(8 << 30)", memory_mb=512)
+    r2 = run_program("l = []\nwhile True: l.append(bytearray(10**7))", memory_mb=512, timeout=5)
+    assert r1.status == "failed" and "MemoryError" in r1.stderr
+    assert r2.status in ("failed", "timeout")
+
+def test_big_file_is_capped():
+    assert run_program("open('big', 'wb').write(b'x' * (64 << 20))", max_file_mb=4).status == "failed"
+
 @needs_root
 def test_fork_bomb_is_contained_and_killed():
     r = run_program(prog("""
@@ -28,101 +169,46 @@ def test_fork_bomb_is_contained_and_killed():
             except OSError: pass
     """), timeout=2, max_procs=8)
     assert r.status == "timeout"
-    assert _pids_of_uid(r.uid) == []          # every fork is gone
+    assert sandbox._pids_of_uid(r.uid) == []
 
 @needs_root
-def test_setsid_escapee_is_killed_after_the_run():
-    r = run_program(prog("""
-        import os, time
-        r, w = os.pipe()
-        if os.fork() == 0:
-            os.setsid(); os.write(w, b"x"); time.sleep(600)
-        os.read(r, 1)                       # the child has left our session before we exit
-        assert True
-    """), timeout=3)
-    assert r.stragglers >= 1 and _pids_of_uid(r.uid) == []
-
-def test_memory_blowup_fails_cleanly():
-    r1 = run_program("x = bytearray(8 << 30)", memory_mb=512)
-    r2 = run_program("l = []\nwhile True: l.append(bytearray(10**7))", memory_mb=512, timeout=5)
-    assert r1.status == "failed" and "MemoryError" in r1.stderr
-    assert r2.status in ("failed", "timeout") and r2.status != "passed"
-
-def test_big_file_is_capped():
-    r = run_program("open('big', 'wb').write(b'x' * (64 << 20))", max_file_mb=4)
-    assert r.status == "failed"
-
-ATTACKS = """
-import os, shutil, ctypes, sys
-canary, parent = {canary!r}, {parent!r}
-ok = []
-def attempt(name, fn):
-    try: fn(); ok.append(name)
-    except BaseException as e: print(name, "blocked:", type(e).__name__)
-attempt("overwrite", lambda: open(canary, "w").write("pwned"))
-attempt("append", lambda: open(canary, "a").write("pwned"))
-attempt("remove", lambda: os.remove(canary))
-attempt("rename", lambda: os.rename(canary, canary + ".x"))
-attempt("rmtree", lambda: shutil.rmtree(parent))
-attempt("new file", lambda: open(os.path.join(parent, "new.txt"), "w").write("x"))
-attempt("mkdir", lambda: os.mkdir(os.path.join(parent, "newdir")))
-libc = ctypes.CDLL(None, use_errno=True)
-def raw_create(p):
-    fd = libc.open(p.encode(), os.O_WRONLY | os.O_CREAT, 0o644)
-    if fd < 0: raise OSError(ctypes.get_errno(), "raw open")
-    libc.write(fd, b"x", 1); libc.close(fd)
-def raw_unlink(p):
-    if libc.unlink(p.encode()) != 0: raise OSError(ctypes.get_errno(), "raw unlink")
-attempt("raw create", lambda: raw_create(os.path.join(parent, "raw.txt")))
-attempt("raw unlink", lambda: raw_unlink(canary))
-attempt("raw tmp", lambda: raw_create({tmpname!r}))
-attempt("raw truncate", lambda: (libc.truncate(canary.encode(), 0) == 0) or (_ for _ in ()).throw(OSError()))
-print("SUCCEEDED:", ok)
-"""
-
-def _check_fs(tmp_path, layers=None, python=None, tmp_protected=True):
-    canary = tmp_path / "canary.txt"; canary.write_text("alive")
-    before = sorted(p.name for p in tmp_path.iterdir())
-    tmpname = f"/tmp/phi4-escape-{os.getpid()}-{time.time_ns()}"
-    r = run_program(ATTACKS.format(canary=str(canary), parent=str(tmp_path), tmpname=tmpname), layers=layers, python=python)
-    assert canary.read_text() == "alive"
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-    if tmp_protected: assert not os.path.exists(tmpname)
-    elif os.path.exists(tmpname): os.unlink(tmpname)
-    return r
-
-@needs_root
-def test_writes_outside_workdir_all_layers(tmp_path):
-    r = _check_fs(tmp_path)
-    # the only "success" is a write to /tmp, which lands in the program's private tmpfs (checked absent above)
-    assert "SUCCEEDED: ['raw tmp']" in r.stdout, r.stdout
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-def test_writes_outside_workdir_uid_layer_alone(tmp_path):
-    "Without the mount namespace the uid still stops raw (ctypes) writes into a 0700 directory."
-    os.chmod(tmp_path, 0o755)                  # even a directory others may read, but not write
+def test_uid_layer_alone_stops_raw_writes(tmp_path):
+    "Without the mount namespace a uid of its own still stops raw (ctypes) writes into a directory others cannot write."
+    os.chmod(tmp_path, 0o755)
     if not os.access("/usr/bin/python3", os.X_OK): pytest.skip("needs an interpreter outside /root")
-    if LAYERS["mountns"]:   # ours is hidden in /root: asking for uid without the mount namespace is refused...
+    if any(sandbox._blocked_ancestor(p) for p in sandbox._prefixes(sys.executable)):
         with pytest.raises(ValueError): run_program("pass", layers=dict(mountns=False, uid=True))
-        deg = run_program("pass", layers=dict(mountns=False))     # ...and silently degrades when not asked for
-        assert deg.passed and "uid" not in deg.layers and "nofork" in deg.layers
-    r = _check_fs(tmp_path, layers=dict(mountns=False, uid=True), python="/usr/bin/python3", tmp_protected=False)
-    assert "uid" in r.layers and "mountns" not in r.layers
-    succeeded = r.stdout.split("SUCCEEDED:")[1]
-    assert "raw create" not in succeeded and "raw unlink" not in succeeded and "raw truncate" not in succeeded
-    assert "raw tmp" in succeeded              # world-writable /tmp is only protected by the mount namespace
+    canary = tmp_path / "c"; canary.write_text("alive")
+    r = run_program(prog(f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(libc.open(b"{tmp_path}/new", os.O_WRONLY | os.O_CREAT, 0o644), libc.unlink(b"{canary}"))
+    """), layers=dict(mountns=False, uid=True), python="/usr/bin/python3")
+    assert "uid" in r.layers and "mountns" not in r.layers and r.stdout.split() == ["-1", "-1"], r
+    assert canary.read_text() == "alive" and sorted(os.listdir(tmp_path)) == ["c"]
 
-def test_pyguard_alone_blocks_python_level_writes(tmp_path):
-    "The Python guard is a second line: it stops open/os.* calls, not ctypes (documented, shown here)."
-    canary = tmp_path / "c.txt"; canary.write_text("alive")
-    code = prog(f"""
-        import os
-        for fn in (lambda: open({str(canary)!r}, "w"), lambda: os.remove({str(canary)!r})):
-            try: fn(); raise SystemExit("escaped")
-            except PermissionError: pass
-    """)
-    r = run_program(code, layers=dict(uid=False, mountns=False))
-    assert r.status == "passed" and canary.read_text() == "alive"
+# --- the harness ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", [
+    "import sys\nsys.exit(0)\nassert False",
+    "raise SystemExit(0)\nassert False",
+    "import os\nos._exit(0)\nassert False",
+    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "import atexit, os\natexit.register(lambda: os._exit(0))\nimport sys; sys.exit(0)",
+    "import sys\nsys.stdout.close()\nassert 1",          # breaking the wrapper's own streams
+])
+def test_premature_exit_never_passes(code):
+    assert run_program(code).status == "failed"
+
+def test_known_limit_reading_the_nonce_pipe_forges_a_pass():
+    "Documented limit: the marker catches premature exits, not a program that reads the harness's own pipe."
+    r = run_program(prog("""
+        import os, json
+        cfg = json.loads(open("/proc/self/cmdline", "rb").read().split(b"\\0")[4])
+        os.write(cfg["res_fd"], b"DONE " + os.read(cfg["nonce_fd"], 64) + b"\\n")
+        os._exit(0)
+    """))
+    assert r.status == "passed"     # if this ever fails, the limit was closed: update the notebook's prose
 
 def test_workdir_env_and_cleanup():
     r = run_program(prog("""
@@ -136,103 +222,33 @@ def test_workdir_env_and_cleanup():
     assert set(info["env"]) <= {"PATH", "HOME", "TMPDIR", "TMP", "TEMP", "LANG", "PYTHONDONTWRITEBYTECODE", "LC_CTYPE"}
     assert not os.path.exists(r.workdir)
 
-@pytest.fixture
-def listener():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8); s.settimeout(0.5)
-    yield s
-    s.close()
+def test_nothing_left_behind(tmp_path):
+    rs = [run_program(c, base_dir=str(tmp_path)) for c in ("open('x', 'w').write('1')", "while True: pass",
+                                                           "import os; os._exit(0)")]
+    assert [r.status for r in rs] == ["passed", "timeout", "failed"]
+    assert os.listdir(tmp_path) == [] and all(not os.path.exists(r.workdir) for r in rs)
+    n_fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(5): run_program("pass")
+    assert len(os.listdir("/proc/self/fd")) == n_fds                 # no descriptor leaks
 
-SOCK = """
-import socket
-try:
-    c = socket.create_connection(("127.0.0.1", {port}), timeout=2); c.sendall(b"hi")
-    print("CONNECTED")
-except OSError as e:
-    print("blocked", e)
-"""
+def test_remove_tree_handles_depth_beyond_path_max_and_locked_dirs(tmp_path):
+    top = tmp_path / "t"; top.mkdir(); cwd = os.getcwd()
+    try:
+        os.chdir(top)
+        for _ in range(600): os.mkdir("x" * 100); os.chdir("x" * 100)     # 60,000 characters deep
+        os.chmod(".", 0)
+    finally: os.chdir(cwd)
+    assert sandbox._remove_tree(str(top)) is None and not top.exists()
+    assert sandbox._remove_tree(str(top)) is None                          # already gone: nothing to say
 
-def _no_connection(listener):
-    with pytest.raises(socket.timeout): listener.accept()
+def test_setup_failure_is_error_not_failed():
+    assert run_program("pass", memory_mb=8).status == "error"        # the interpreter cannot even start its wrapper
 
-@pytest.mark.skipif("netns" not in IN_EFFECT, reason="no network namespace here")
-def test_socket_blocked_by_netns(listener):
-    r = run_program(SOCK.format(port=listener.getsockname()[1]))
-    assert "netns" in r.layers and "CONNECTED" not in r.stdout
-    _no_connection(listener)
-    raw = run_program(prog(f"""
-        import ctypes, _socket
-        s = _socket.socket(); print(s.connect_ex(("127.0.0.1", {listener.getsockname()[1]})))
-    """))
-    assert raw.stdout.strip() not in ("0", "")      # the kernel refuses, not just a Python patch
-    _no_connection(listener)
-
-def test_socket_blocked_by_python_fallback(listener):
-    r = run_program(SOCK.format(port=listener.getsockname()[1]), layers=dict(netns=False))
-    assert "nosocket" in r.layers and "netns" not in r.layers and "CONNECTED" not in r.stdout
-    _no_connection(listener)
-
-@pytest.mark.parametrize("code", [
-    "import sys\nsys.exit(0)\nassert False",
-    "raise SystemExit(0)\nassert False",
-    "import os\nos._exit(0)\nassert False",
-    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
-    "import atexit, os\natexit.register(lambda: os._exit(0))\nimport sys; sys.exit(0)",
-    "import sys\nsys.stdout.close()\nassert 1",          # breaking the wrapper's own streams
-])
-def test_premature_exit_never_passes(code):
-    assert run_program(code).status == "failed"
-
-@needs_root
-def test_killing_the_parent_fails():
-    me = os.getpid()
-    r = run_program(prog(f"""
-        import os, ctypes, signal
-        libc = ctypes.CDLL(None, use_errno=True)
-        for pid in (os.getppid(), {me}, 1):
-            assert libc.kill(pid, signal.SIGKILL) == -1 and ctypes.get_errno() == 1   # EPERM from the kernel
-        libc.kill(-1, signal.SIGKILL)          # reaches only this uid's processes (the caller is exempt)
-        for pid in (os.getppid(), {me}):
-            try: os.kill(pid, signal.SIGTERM); raise SystemExit(3)
-            except PermissionError: pass
-    """))
-    assert os.getpid() == me                    # we are still here
-    assert r.status == "passed", r              # every kill was refused
-
-def test_reading_the_nonce_fails():
-    "Every place a nonce could leak (env, argv, /proc, files, stdin, frames, gc) is searched and replayed."
-    r = run_program(prog("""
-        import os, sys, re, gc, json
-        found = set()
-        def scan(s):
-            if isinstance(s, bytes): s = s.decode("latin-1")
-            found.update(re.findall(r"[0-9a-f]{32}", str(s)))
-        for p in ("/proc/self/cmdline", "/proc/self/environ", f"/proc/{os.getppid()}/cmdline",
-                  f"/proc/{os.getppid()}/environ", "program.py", "/dev/stdin"):
-            try: scan(open(p, "rb").read())
-            except Exception: pass
-        scan(os.environ); scan(sys.argv); scan(os.listdir("."))
-        f = sys._getframe()
-        while f: scan(f.f_locals); scan(f.f_globals); f = f.f_back
-        for o in gc.get_objects():
-            try: scan(o) if isinstance(o, (dict, list, tuple)) else None
-            except Exception: pass
-        cfg = json.loads(open("/proc/self/cmdline", "rb").read().split(b"\\0")[4])
-        for n in found: os.write(cfg["res_fd"], ("DONE " + n + "\\n").encode())
-        print(len(found), "candidates replayed", flush=True)
-        os._exit(0)
-    """), timeout=10)
-    assert r.returncode == 0 and "candidates replayed" in r.stdout, r     # the attack ran to the end...
-    assert r.status == "failed", r                                        # ...and was rejected
-
-def test_known_limit_reading_the_nonce_pipe_forges_a_pass():
-    "Documented limit: the marker catches premature exits, not a program that reads the harness's own pipe."
-    r = run_program(prog("""
-        import os, json
-        cfg = json.loads(open("/proc/self/cmdline", "rb").read().split(b"\\0")[4])
-        os.write(cfg["res_fd"], b"DONE " + os.read(cfg["nonce_fd"], 64) + b"\\n")
-        os._exit(0)
-    """))
-    assert r.status == "passed"     # if this ever fails, the limit was closed: update the notebook's prose
+def test_bad_input():
+    with pytest.raises(TypeError): run_program(b"print(1)")
+    with pytest.raises(ValueError, match="disk_mb"): run_program("pass", disk_mb=0)
+    with pytest.raises(TypeError, match="items"): run_many(["pass", None], progress=False)
+    with pytest.raises(FileNotFoundError): load_humaneval("/nonexistent/HumanEval.jsonl")
 
 def test_humaneval_canonical_all_pass_and_wrong_ones_fail():
     probs = load_humaneval()
@@ -246,34 +262,66 @@ def test_humaneval_canonical_all_pass_and_wrong_ones_fail():
     wrong = ["    return None\n", "    pass\n", "    return 0\n", "    raise NotImplementedError\n", "    return (\n"]
     res = run_many([humaneval_program(p, w) for p, w in zip(probs[:5], wrong)], workers=4, progress=False)
     assert [r.status for r in res] == ["failed"] * 5
-    # off-by-one variants of real solutions
     tweaked = [p["canonical_solution"].replace("return ", "return 1 + ", 1) for p in probs[10:14]]
     res = run_many([humaneval_program(p, c) for p, c in zip(probs[10:14], tweaked)], workers=4, progress=False)
     assert not any(r.passed for r in res)
 
-def test_setup_failure_is_error_not_failed():
-    assert run_program("pass", memory_mb=8).status == "error"        # the interpreter cannot even start its wrapper
+# --- the red team: every hostile program of the catalogue, one test each ----------------------------------------------
 
-def test_bad_input():
-    with pytest.raises(TypeError): run_program(b"print(1)")
-    with pytest.raises(FileNotFoundError): load_humaneval("/nonexistent/HumanEval.jsonl")
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    from phi4_nb.sandbox import RedTeamHost
+    with RedTeamHost(str(tmp_path_factory.mktemp("host"))) as h: yield h
 
-def test_degraded_root_mode_blocks_forks():
-    "As root without the uid layer RLIMIT_NPROC does not bind, so process creation is refused in Python."
-    if os.geteuid() != 0: pytest.skip("root only")
-    r = run_program(prog("""
-        import os, subprocess
-        for fn in (os.fork, lambda: subprocess.run(["true"]), lambda: os.system("true")):
-            try: fn(); raise SystemExit(3)
-            except PermissionError: pass
-    """), layers=dict(uid=False, mountns=False))
-    assert r.passed and "nofork" in r.layers, r
+def _attacks(): return getattr(sandbox, "ATTACKS", [])
 
-def test_nothing_left_behind(tmp_path):
-    before = set(os.listdir(tmp_path))
-    rs = [run_program(c, base_dir=str(tmp_path)) for c in ("open('x', 'w').write('1')", "while True: pass", "import os; os._exit(0)")]
-    assert [r.status for r in rs] == ["passed", "timeout", "failed"]
-    assert set(os.listdir(tmp_path)) == before and all(not os.path.exists(r.workdir) for r in rs)
-    n_fds = len(os.listdir("/proc/self/fd"))
-    for _ in range(5): run_program("pass")
-    assert len(os.listdir("/proc/self/fd")) == n_fds                 # no descriptor leaks
+@needs_full
+@pytest.mark.parametrize("attack", _attacks(), ids=lambda a: a.name)
+def test_red_team_attack_is_contained(attack, host):
+    from phi4_nb.sandbox import red_team
+    [row] = red_team([attack], base_dir=host.base_dir, progress=False)
+    assert row["contained"], row
+
+def test_red_team_catalogue_is_broad():
+    from phi4_nb.sandbox import ATTACKS
+    assert len(ATTACKS) >= 30 and len({a.name for a in ATTACKS}) == len(ATTACKS)
+    assert {a.group for a in ATTACKS} == {"files", "processes", "memory", "network", "harness", "privilege"}
+
+@needs_root
+def test_red_team_refuses_to_attack_our_own_processes():
+    from phi4_nb.sandbox import red_team
+    with pytest.raises(RuntimeError, match="refusing"):
+        red_team(layers=dict(uid=False, userns=False, pidns=False), progress=False)
+
+# --- an ordinary user: the same cage through a user namespace --------------------------------------------------------
+
+@needs_root
+def test_unprivileged_user_gets_full_isolation_through_a_user_namespace():
+    "The sandbox module (standard library only) run by `nobody` with the system Python, red team included."
+    py, setpriv = "/usr/bin/python3", shutil.which("setpriv")
+    if not (setpriv and os.access(py, os.X_OK)): pytest.skip("needs setpriv and /usr/bin/python3")
+    tmp_path = Path(tempfile.mkdtemp(prefix="phi4-nobody-", dir="/tmp")); os.chmod(tmp_path, 0o777)
+    try: _as_nobody(py, setpriv, tmp_path)
+    finally: shutil.rmtree(tmp_path, ignore_errors=True)
+
+def _as_nobody(py, setpriv, tmp_path):
+    shutil.copy(sandbox.__file__, tmp_path / "sbx.py")
+    script = tmp_path / "run.py"
+    script.write_text(prog(f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import sbx
+        layers = sbx.probe_layers()
+        if not layers["userns"]: print(json.dumps(dict(skip=True))); raise SystemExit
+        r = sbx.run_program("import os; print(os.getuid())")
+        rows = sbx.red_team(base_dir={str(tmp_path)!r}, progress=False)
+        print(json.dumps(dict(r=r.to_dict(), escaped=[x for x in rows if not x["contained"]], n=len(rows))))
+    """))
+    out = subprocess.run([setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups", py, str(script)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else pytest.fail(out.stderr[-2000:])
+    if res.get("skip"): pytest.skip("no unprivileged user namespaces on this machine")
+    r = res["r"]
+    assert r["status"] == "passed" and r["missing"] == [] and "nocaps" in r["layers"] and "uid" not in r["layers"], r
+    assert r["stdout"].strip() == "0"                           # our uid, as the namespace's root without capabilities
+    assert res["escaped"] == [] and res["n"] >= 30, res["escaped"]
