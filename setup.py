@@ -1,4 +1,4 @@
-"""Install phi4_nb (exported from nbs/) and phi4_kernels (hand-written Triton in kernels/)."""
+"""Install phi4_nb (exported from nbs/) and phi4_kernels (hand-written kernels)."""
 from configparser import ConfigParser
 import setuptools
 
@@ -36,8 +36,7 @@ setuptools.setup(
                  'Natural Language :: ' + cfg['language'].title()] +
                 ['Programming Language :: Python :: ' + o for o in py_versions],
     url=cfg['git_url'],
-    packages=setuptools.find_packages(include=['phi4_nb', 'phi4_nb.*']) + ['phi4_kernels'],
-    package_dir={'phi4_kernels': 'kernels'},
+    packages=setuptools.find_packages(include=['phi4_nb', 'phi4_nb.*', 'phi4_kernels']),
     include_package_data=True,
     package_data={'phi4_nb': ['data/*', 'tasks/*.yaml'], 'phi4_kernels': ['*.cpp']},
     install_requires=requirements,

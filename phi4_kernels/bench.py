@@ -4,7 +4,7 @@ Usage (on a CUDA machine):
 
     python -m phi4_kernels.bench            # full sweep: seqlen 512..16384, head dim 64/128, causal or not, MHA/GQA
     python -m phi4_kernels.bench --quick    # a few shapes, for a fast look
-    python kernels/bench.py --e2e           # also time a training step of the `gpu` preset model, sdpa vs triton
+    python -m phi4_kernels.bench --e2e           # also time a training step of the `gpu` preset model, sdpa vs triton
 
 FLOPs follow the flash-attention convention: forward 4*b*h*s^2*d (halved when causal), backward 2.5x forward,
 counted with the number of query heads. Times are medians of `triton.testing.do_bench`. Results go to
@@ -39,20 +39,6 @@ def attention_flops(batch: int, seqlen_q: int, seqlen_k: int, heads: int, head_d
     if causal:
         f /= 2
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
-
-
-def _import_kernels():
-    try:
-        import phi4_kernels
-    except ImportError:  # run as a file from a checkout that is not installed
-        import importlib.util
-        here = Path(__file__).resolve().parent
-        spec = importlib.util.spec_from_file_location("phi4_kernels", here / "__init__.py",
-                                                      submodule_search_locations=[str(here)])
-        phi4_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["phi4_kernels"] = phi4_kernels
-        spec.loader.exec_module(phi4_kernels)
-    return phi4_kernels
 
 
 def _write_csv_atomic(path: Path, rows: list[dict]):
@@ -353,7 +339,7 @@ def main(argv=None) -> int:
         print("phi4_kernels.bench: no CUDA GPU found; the benchmark needs one. "
               "Use --interpret for a tiny CPU smoke run of the code path.", file=sys.stderr)
         return 2
-    kernels = _import_kernels()
+    import phi4_kernels as kernels
     import triton
 
     root = Path(__file__).resolve().parents[1]

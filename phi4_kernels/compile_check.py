@@ -22,11 +22,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 
 def _kernels_module():
-    try:
-        from phi4_kernels.bench import _import_kernels
-    except ImportError:  # run as a file from a checkout that is not installed: bench.py sits beside this file
-        from bench import _import_kernels
-    return _import_kernels().flash_attn
+    from phi4_kernels import flash_attn
+    return flash_attn
 
 
 def _signature(fn, consts, dtype):
