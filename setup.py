@@ -14,7 +14,7 @@ requirements = cfg.get('requirements', '').split()
 extras = {
     # notebooks, tests and the papermill reproduction
     'dev': ['nbdev>=2.4.14,<3', 'execnb', 'fastcore', 'pytest', 'pytest-timeout', 'papermill',
-            'jupyterlab', 'ipykernel', 'matplotlib', 'pandas'],
+            'jupyterlab', 'ipykernel', 'ipywidgets', 'matplotlib', 'pandas'],
     # data pipeline: near-duplicate removal, columnar files, Hugging Face datasets
     'data': ['datasketch', 'pyarrow', 'datasets'],
     # evaluation: lm-eval harness, HumanEval problems, rule-based math equivalence

@@ -94,7 +94,8 @@ def _gpu_env() -> dict:
         r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
                            text=True, timeout=20)
         if r.returncode == 0:
-            env["nvidia_smi"] = dict(zip(q.split(","), [s.strip() for s in r.stdout.strip().splitlines()[0].split(",")]))
+            first = r.stdout.strip().splitlines()[0]
+            env["nvidia_smi"] = dict(zip(q.split(","), [s.strip() for s in first.split(",")]))
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
     return env
@@ -236,7 +237,8 @@ def _print_table(rows: list[dict], file=sys.stdout):
         for impl, r in by_impl.items():
             def ratio(field):
                 a, b = r.get(field), ref.get(field)
-                return f"{a / b:9.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else f"{'-':>9}"
+                ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+                return f"{a / b:9.2f}" if ok else f"{'-':>9}"
             fmt = lambda x: f"{x:9.4g}" if isinstance(x, (int, float)) else f"{'-':>9}"
             print(f"{k[0]:>3} {k[1]:>6} {f'{k[2]}/{k[3]}':>7} {k[4]:>4} {str(k[5]):>6} {impl:>15} "
                   f"{fmt(r.get('fwd_tflops'))} {fmt(r.get('bwd_tflops'))} {ratio('fwd_tflops')} {ratio('bwd_tflops')}  "

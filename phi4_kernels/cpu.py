@@ -1,4 +1,4 @@
-"""CPU kernels in C++, compiled on first use with torch's extension builder (needs a C++ compiler, as torch.compile does).
+"""CPU kernels in C++, compiled on first use with torch's extension builder (a C++ compiler, as torch.compile needs).
 
 `decode_attention` is single-query attention over a left-padded KV cache: the attention of one decoding step.
 For each (row, KV head) it reads that head's keys once and its values once, for all the query heads of the group,
@@ -43,12 +43,14 @@ def available() -> bool:
                 pass
             load("phi4_kernels_cpu", [_SRC], extra_cflags=["-O3", "-fopenmp", *_flags()], extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
-            if not hasattr(torch.ops.phi4_kernels_cpu, "decode_attention"): raise RuntimeError("the library registered no op")
+            if not hasattr(torch.ops.phi4_kernels_cpu, "decode_attention"):
+                raise RuntimeError("the library registered no op")
             torch.library.register_fake("phi4_kernels_cpu::decode_attention")(
                 lambda q, k, v, start, col, vectorized=True: q.new_empty(q.shape))
             _state["ok"] = True
         except Exception as e:
-            warnings.warn(f"the C++ CPU kernels could not be built ({type(e).__name__}: {e}); using PyTorch's attention")
+            warnings.warn(f"the C++ CPU kernels could not be built ({type(e).__name__}: {e}); "
+                          "using PyTorch's attention")
             _state["ok"] = False
     return _state["ok"]
 
@@ -84,16 +86,19 @@ def bench(shapes=((32, 9, 3, 64, 30), (32, 8, 2, 32, 6)), widths=(80, 128), dtyp
                 def matmuls(a, k, v):                           # two batched matrix multiplies and a float32 softmax
                     s = (a.view(B, Hkv, Hq // Hkv, D) @ k.transpose(-1, -2)).float() * D ** -0.5
                     return (s.masked_fill(~mask, float("-inf")).softmax(-1).to(dt) @ v).view(B, Hq, 1, D)
-                runs = {"sdpa": lambda: [F.scaled_dot_product_attention(a, k, v, attn_mask=mask, enable_gqa=True) for a, k, v in zip(q, ks, vs)],
+                sdpa = lambda a, k, v: F.scaled_dot_product_attention(a, k, v, attn_mask=mask, enable_gqa=True)
+                runs = {"sdpa": lambda: [sdpa(a, k, v) for a, k, v in zip(q, ks, vs)],
                         "matmul": lambda: [matmuls(a, k, v) for a, k, v in zip(q, ks, vs)],
-                        "kernel": lambda: [decode_attention(a, k, v, start, torch.tensor(col)) for a, k, v in zip(q, ks, vs)]}
+                        "kernel": lambda: [decode_attention(a, k, v, start, torch.tensor(col))
+                                           for a, k, v in zip(q, ks, vs)]}
                 t = {n: [] for n in runs}
                 for _ in range(repeats):
                     for n, f in runs.items():
                         t0 = time.perf_counter(); f(); t[n].append(time.perf_counter() - t0)
                 med = {n: sorted(x)[len(x) // 2] * 1e3 for n, x in t.items()}
-                rows.append(dict(batch=B, heads=Hq, kv_heads=Hkv, head_dim=D, layers=L, dtype=str(dt).replace("torch.", ""),
-                                 width=w, sdpa_ms=round(med["sdpa"], 3), matmul_ms=round(med["matmul"], 3),
+                rows.append(dict(batch=B, heads=Hq, kv_heads=Hkv, head_dim=D, layers=L,
+                                 dtype=str(dt).replace("torch.", ""), width=w, sdpa_ms=round(med["sdpa"], 3),
+                                 matmul_ms=round(med["matmul"], 3),
                                  kernel_ms=round(med["kernel"], 3), vs_sdpa=round(med["sdpa"] / med["kernel"], 2),
                                  vs_matmul=round(med["matmul"] / med["kernel"], 2)))
     return rows

@@ -48,8 +48,9 @@ def _tma_ok(q, k, v) -> bool:
     if q.device.type != "cuda" and not interpreting():
         return False
     es = k.element_size()
-    return all(t.data_ptr() % 16 == 0 and (t.stride(-3) * es) % 16 == 0 and (t.stride(-2) * es) % 16 == 0
-               for t in (q, k, v)) and (k.shape[-1] * es) % 16 == 0 and k.shape[-1] == triton.next_power_of_2(k.shape[-1])
+    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(-3) * es) % 16 == 0 and (t.stride(-2) * es) % 16 == 0
+                  for t in (q, k, v))
+    return aligned and (k.shape[-1] * es) % 16 == 0 and k.shape[-1] == triton.next_power_of_2(k.shape[-1])
 
 
 def _set_tma_allocator(device):
@@ -644,7 +645,7 @@ class _DeviceGuard:
 
 
 def attn_fwd(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
-    """Run the forward kernel. Returns (out, lse) with lse in natural-log units, float32 (float64 for float64 inputs)."""
+    """Run the forward kernel. Returns (out, lse): lse in natural-log units, float32 (float64 for float64 inputs)."""
     varlen = cu_q is not None
     _check(q, k, v, varlen)
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)

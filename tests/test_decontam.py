@@ -5,10 +5,10 @@ Run: pytest tests/test_decontam.py
 import json, pickle, unicodedata
 import numpy as np
 import pytest
-from phi4_nb.sources import default_data_root as data_root
+from phi4_nb.core import data_root
 from phi4_nb.text import words as normalize
-from phi4_nb.decontam import (Benchmark, DecontamIndex, check, decontaminate, filter_clean, contamination_report,
-                              write_report, report_markdown, read_jsonl, load_gsm8k, load_math, load_humaneval, eval_benchmarks,
+from phi4_nb.decontam import (Benchmark, DecontamIndex, decontaminate, filter_clean, contamination_report,
+                              write_report, report_markdown, read_jsonl, gsm8k_benchmark, math_benchmark, humaneval_benchmark, eval_benchmarks,
                               benchmark_from_items)
 
 WORDS = [f'w{i}' for i in range(40)]
@@ -34,11 +34,11 @@ def test_thresholds_are_strict_and_inclusive_as_specified():
     filler = ' '.join(f'f{i}' for i in range(20))
     two = ' '.join(WORDS[:8]) + ' ' + filler    # shares exactly 2 7-grams: ratio 0.2, not above info
     three = ' '.join(WORDS[:9]) + ' ' + filler  # shares 3: ratio 0.3 == contaminated threshold
-    r2, r3 = check(ix, two), check(ix, three)
+    r2, r3 = ix.check(two), ix.check(three)
     assert r2['status'] == 'clean' and r2['ratio'] == pytest.approx(0.2)
     assert r3['status'] == 'contaminated' and r3['reason'] == '7-gram' and r3['ratio'] == pytest.approx(0.3)
     ix.info, ix.cont = 0.2, 0.5
-    r = check(ix, three)
+    r = ix.check(three)
     assert r['status'] == 'partial' and r['items'] == ['b/0']
 
 
@@ -46,22 +46,22 @@ def test_ratio_uses_min_of_both_counts():
     item = ' '.join(WORDS)                 # 34 7-grams
     ix = DecontamIndex([_bench(item)])
     doc = ' '.join(WORDS[10:22])           # 12 words (no 13-gram), 6 7-grams, all in the item
-    r = check(ix, doc)
+    r = ix.check(doc)
     assert r['ratio'] == pytest.approx(1.0) and r['status'] == 'contaminated' and r['reason'] == '7-gram'
 
 
 def test_13gram_match_wins_and_lists_items():
     ix = DecontamIndex([_bench(' '.join(WORDS[:20]), ' '.join(WORDS[5:30]))])
-    r = check(ix, 'prefix text ' + ' '.join(WORDS[6:19]) + ' suffix')
+    r = ix.check('prefix text ' + ' '.join(WORDS[6:19]) + ' suffix')
     assert r['status'] == 'contaminated' and r['reason'] == '13-gram' and r['items'] == ['b/0', 'b/1']
 
 
 def test_short_items_and_documents():
     ix = DecontamIndex([_bench('Compute 8 choose 4.', 'Evaluate the sum of the first ten odd numbers please')])  # 4 and 10 words
     assert ix.lens_whole == [4] and ix.n7.tolist() == [0, 4] and ix.unindexed == []
-    assert check(ix, 'Exercise: compute 8 choose 4!')['status'] == 'contaminated'
-    assert check(ix, 'compute 8 choose')['status'] == 'clean'
-    assert check(ix, '')['status'] == 'clean'
+    assert ix.check('Exercise: compute 8 choose 4!')['status'] == 'contaminated'
+    assert ix.check('compute 8 choose')['status'] == 'clean'
+    assert ix.check('')['status'] == 'clean'
     with pytest.raises(ValueError, match='at least one'): DecontamIndex([_bench()])
     with pytest.raises(ValueError, match='min_words'): DecontamIndex([_bench('x y z')], min_words=0)
 
@@ -71,13 +71,13 @@ def test_items_of_7_to_12_words_are_7gram_matches():
     for n in (7, 9, 12):
         item = ' '.join(WORDS[:n])
         ix = DecontamIndex([_bench(item)])
-        r = check(ix, 'copied: ' + item + ' end of copy')
+        r = ix.check('copied: ' + item + ' end of copy')
         assert (r['status'], r['reason'], r['items'], r['ratio']) == ('contaminated', '7-gram', ['b/0'], 1.0), n
         assert len(ix.h13) == 0 and ix.lens_whole == []
     ten = 'Evaluate the sum of the first ten odd numbers please'
     ix = DecontamIndex([_bench(ten, ' '.join(WORDS[:20]))])
-    assert check(ix, ten)['reason'] == '7-gram'
-    assert check(ix, 'so: ' + ' '.join(WORDS[:14]))['reason'] == '13-gram'     # a long item still matches by 13-grams
+    assert ix.check(ten)['reason'] == '7-gram'
+    assert ix.check('so: ' + ' '.join(WORDS[:14]))['reason'] == '13-gram'     # a long item still matches by 13-grams
     rep = contamination_report([ten, ' '.join(WORDS[:14])], ix, progress=False)['benchmarks']['b']
     assert (rep['docs_contaminated_7gram'], rep['docs_contaminated_13gram']) == (1, 1)
 
@@ -85,17 +85,17 @@ def test_items_of_7_to_12_words_are_7gram_matches():
 def test_short_items_rule():
     "Under min_words (3) an item is not indexed; 3-6 words match whole unless common in the reference corpus."
     ix = DecontamIndex([_bench('why', 'What is 2 + 2?', 'Where do Varo herons nest?')])
-    assert check(ix, 'Why? Nobody knows why the sky is blue.')['status'] == 'clean'     # "why" flags nothing
+    assert ix.check('Why? Nobody knows why the sky is blue.')['status'] == 'clean'     # "why" flags nothing
     assert ix.unindexed == ['b/0'] and ix.lens_whole == [4, 5]
-    assert check(ix, 'Quick one: what is 2 + 2? Four.')['reason'] == 'whole-item'
-    r = check(ix, 'Field notes. Where do Varo herons nest? On the cliffs.')
+    assert ix.check('Quick one: what is 2 + 2? Four.')['reason'] == 'whole-item'
+    r = ix.check('Field notes. Where do Varo herons nest? On the cliffs.')
     assert (r['status'], r['reason'], r['items']) == ('contaminated', 'whole-item', ['b/2'])
-    assert check(ix, 'where do varo herons')['status'] == 'clean'                 # part of a short item is not the item
+    assert ix.check('where do varo herons')['status'] == 'clean'                 # part of a short item is not the item
     reference = [f'Lesson {i}: what is 2 + 2? Count on your fingers.' for i in range(6)]
     ix.allow_common(reference, min_docs=5)
     assert ix.generic == ['b/1']
-    assert check(ix, 'Quick one: what is 2 + 2? Four.')['status'] == 'clean'      # generic: common in the reference
-    assert check(ix, 'Field notes. Where do Varo herons nest?')['status'] == 'contaminated'  # distinctive: still caught
+    assert ix.check('Quick one: what is 2 + 2? Four.')['status'] == 'clean'      # generic: common in the reference
+    assert ix.check('Field notes. Where do Varo herons nest?')['status'] == 'contaminated'  # distinctive: still caught
     rep = contamination_report(['what is 2 + 2', 'where do varo herons nest', 'why'], ix, progress=False)
     b = rep['benchmarks']['b']
     assert (b['items_unindexed'], b['items_generic'], b['docs_contaminated_whole'], b['docs_flagged']) == (1, 1, 1, 1)
@@ -110,12 +110,12 @@ def test_allowed_13grams_from_reference():
     ix = DecontamIndex([_bench(*items)])
     filler = ' '.join(f'f{j}' for j in range(40))
     ref = [f'question {i} {filler} {boiler}' for i in range(6)]   # boilerplate inside a longer text
-    assert check(ix, ref[0])['reason'] == '13-gram'
+    assert ix.check(ref[0])['reason'] == '13-gram'
     assert len(ix.allow_common(ref[:4], min_docs=5)) == 0        # not common enough yet
     assert len(ix.allow_common(ref, min_docs=5)) == 2
-    r = check(ix, ref[0])                                         # the 7-gram rule has no allowed list: partial at most
+    r = ix.check(ref[0])                                         # the 7-gram rule has no allowed list: partial at most
     assert (r['status'], r['reason']) == ('partial', '7-gram')
-    assert check(ix, items[0])['status'] == 'contaminated'
+    assert ix.check(items[0])['status'] == 'contaminated'
     with pytest.raises(ValueError, match='min_docs'): ix.allow_common(ref, min_docs=0)
     with pytest.raises(ValueError, match='min_items'): ix.allow_common(ref, min_items=1)
     with pytest.raises(ValueError, match='independent'): ix.allow_common(ref, train=ref)
@@ -134,7 +134,7 @@ def test_allowed_needs_reference_train_and_several_items():
     assert len(DecontamIndex([_bench(items[0])]).allow_common(ref)) == 0                      # one item: never boilerplate
     ix = DecontamIndex([_bench(*items)])
     ix.allow_common(iter(ref), train=iter(train_with))                   # iterators are read once
-    assert len(ix.allowed) == 2 and check(ix, items[1])['status'] == 'contaminated'
+    assert len(ix.allowed) == 2 and ix.check(items[1])['status'] == 'contaminated'
 
 
 def _leak(item, n_copies=6, quote_words=14):
@@ -149,10 +149,10 @@ def test_leaked_item_never_allows_itself():
     item = ' '.join(WORDS + [f'v{i}' for i in range(20)])    # 60 words: the 14-word quote shares 8 of its 54 7-grams
     leaky, quote = _leak(item)
     ix = DecontamIndex([_bench(item, 'an unrelated second item about herons and cliffs and eggs and the long winter')])
-    assert check(ix, quote)['status'] == 'contaminated'
+    assert ix.check(quote)['status'] == 'contaminated'
     ix.allow_common(leaky + [quote], min_docs=5)         # even given the leaky corpus itself as the reference
     assert len(ix.allowed) == 0
-    r = check(ix, quote)
+    r = ix.check(quote)
     assert (r['status'], r['reason'], r['items']) == ('contaminated', '13-gram', ['b/0'])
     assert r['ratio'] <= ix.info                          # the 7-gram rule alone would have let the quote through
     assert [x['status'] for x in decontaminate(leaky + [quote], ix, progress=False)] == ['contaminated'] * 7
@@ -162,7 +162,7 @@ def test_leaked_item_never_allows_itself():
 def test_decontam_benchmark_catches_a_leaked_gsm8k_item():
     "The benchmark run learns its allowed list from an independent reference, not from the docs it checks."
     from phi4_nb.decontam import decontam_benchmark
-    g = load_gsm8k('test')
+    g = gsm8k_benchmark('test')
     item = g.items[5]['text']
     leaky, quote = _leak(item, quote_words=16)
     rep = decontam_benchmark(docs=[{'id': f'leak{i}', 'text': t} for i, t in enumerate(leaky)] + [{'id': 'quote', 'text': quote}],
@@ -193,9 +193,9 @@ def test_jsonl_errors_and_data_root(tmp_path):
     with pytest.raises(FileNotFoundError): read_jsonl(tmp_path/'missing.jsonl')
     with pytest.raises(FileNotFoundError, match='not found'): data_root(tmp_path/'nope')
     (tmp_path/'gsm8k').mkdir()
-    with pytest.raises(FileNotFoundError): load_gsm8k('test', tmp_path)
+    with pytest.raises(FileNotFoundError): gsm8k_benchmark('test', tmp_path)
     (tmp_path/'gsm8k'/'test.jsonl').write_text('{"question": "q?", "answer": "a\\n#### 1"}\n{"question": ')
-    with pytest.raises(ValueError, match='test.jsonl'): load_gsm8k('test', tmp_path)
+    with pytest.raises(ValueError, match='test.jsonl'): gsm8k_benchmark('test', tmp_path)
 
 
 def test_save_load_workers_and_report(tmp_path):
@@ -215,24 +215,24 @@ def test_save_load_workers_and_report(tmp_path):
 
 
 def test_humaneval_loader():
-    he = load_humaneval()
+    he = humaneval_benchmark()
     assert len(he) == 164 and he.items[0]['id'] == 'HumanEval/0'
     ix = DecontamIndex([he])
-    assert check(ix, 'Here is a solution I found online:\n' + he.items[3]['text'])['items'] == ['HumanEval/3']
-    assert check(ix, 'def add(a, b):\n    return a + b\n')['status'] == 'clean'
+    assert ix.check('Here is a solution I found online:\n' + he.items[3]['text'])['items'] == ['HumanEval/3']
+    assert ix.check('def add(a, b):\n    return a + b\n')['status'] == 'clean'
 
 
 @needs_data
 def test_real_benchmarks_copy_caught_generic_clean():
-    g, m = load_gsm8k('test'), load_math('test')
+    g, m = gsm8k_benchmark('test'), math_benchmark('test')
     assert (len(g), len(m)) == (1319, 5000)
     assert [b.name for b in eval_benchmarks()] == ['gsm8k', 'math', 'humaneval']
-    assert g.items[0]['id'] == 'gsm8k-test-1' and m.items[0]['id'] == 'test/algebra/1'
-    assert load_gsm8k('test', with_answers=False).items[0]['text'] == g.items[0]['question']
+    assert g.items[0]['id'] == 'gsm8k-test-0000' and m.items[0]['id'] == 'test/algebra/1'
+    assert gsm8k_benchmark('test', with_answers=False).items[0]['text'] == g.items[0]['question']
     ix = DecontamIndex([Benchmark('gsm8k', g.items[:200])])
     q = g.items[17]['text'].split('\n')[0]
-    assert check(ix, 'Homework help please! ' + q)['items'] == [g.items[17]['id']]
-    assert check(ix, 'The farmer sold some apples at the market and bought a new hat.')['status'] == 'clean'
+    assert ix.check('Homework help please! ' + q)['items'] == [g.items[17]['id']]
+    assert ix.check('The farmer sold some apples at the market and bought a new hat.')['status'] == 'clean'
 
 
 def test_tinyworld_benchmarks(tmp_path):
@@ -244,7 +244,7 @@ def test_tinyworld_benchmarks(tmp_path):
     code = next(b for b in bs if b.name == 'tinyworld-code').items[0]
     assert code['canonical_solution'] in code['text'] and code['text'].count(code['canonical_solution']) == 1
     ix = DecontamIndex(bs)
-    assert check(ix, 'From a forum: ' + code['text'])['status'] == 'contaminated'
+    assert ix.check('From a forum: ' + code['text'])['status'] == 'contaminated'
     with pytest.raises(FileNotFoundError, match='no TinyWorld test sets'): tinyworld_benchmarks(tmp_path)
 
 
@@ -254,9 +254,9 @@ def test_7gram_ratio_with_short_items_present():
     ix = DecontamIndex([_bench(item, 'Compute 8 choose 4.', 'why')], info_7gram_threshold=0.2, contaminated_7gram_threshold=0.3)
     assert ix.lens_whole == [4] and len(ix.hw) == 1 and ix.unindexed == ['b/2']
     three = ' '.join(WORDS[:9]) + ' ' + ' '.join(f'f{i}' for i in range(20))
-    r = check(ix, three)
+    r = ix.check(three)
     assert (r['status'], r['reason'], r['items']) == ('contaminated', '7-gram', ['b/0'])
-    assert check(ix, 'and why not compute 8 choose 4')['items'] == ['b/1']
+    assert ix.check('and why not compute 8 choose 4')['items'] == ['b/1']
 
 
 def test_check_batch_equals_check():
@@ -264,7 +264,7 @@ def test_check_batch_equals_check():
     import random
     from phi4_nb.decontam import check_batch
     from phi4_nb.text import word_ids
-    he = load_humaneval()
+    he = humaneval_benchmark()
     ix = DecontamIndex([Benchmark('he', he.items[:40]), _bench('Compute 8 choose 4.', ' '.join(WORDS[:16]), 'why')],
                        info_7gram_threshold=0.1, contaminated_7gram_threshold=0.4)
     rnd = random.Random(0)
@@ -272,7 +272,7 @@ def test_check_batch_equals_check():
     texts = ['', 'why', 'compute 8 choose 4'] + [it['text'] for it in he.items[30:50]]
     texts += [' '.join(rnd.choice(vocab) for _ in range(rnd.randint(0, 60))) for _ in range(150)]
     texts += [he.items[i]['text'][: rnd.randint(10, 200)] + ' ' + ' '.join(WORDS[:rnd.randint(0, 16)]) for i in range(60)]
-    want = [check(ix, t, per_benchmark=True) for t in texts]
+    want = [ix.check(t, per_benchmark=True) for t in texts]
     assert check_batch(ix, texts, per_benchmark=True) == want
     assert len({r['status'] for r in want}) == 3                # the sample covers clean, partial and contaminated
     got = [r for r in decontaminate(texts, ix, progress=False, batch_size=7)]
@@ -313,7 +313,7 @@ def test_unicode_disguised_copies_are_13gram_matches():
     docs = _disguised()
     want = {'status': 'contaminated', 'reason': '13-gram', 'items': ['gsm/0']}
     for name, t in docs.items():
-        assert {k: check(ix, t)[k] for k in want} == want, name
+        assert {k: ix.check(t)[k] for k in want} == want, name
     assert [{k: r[k] for k in want} for r in check_batch(ix, list(docs.values()))] == [want] * 5
     got = list(decontaminate([{'id': k, 'text': t} for k, t in docs.items()] + ['clean filler'] * 3, ix, progress=False,
                              workers=2, batch_size=2))

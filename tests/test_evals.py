@@ -4,10 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from phi4_nb.judges import FakeGenerator, GeneratorJudge, RuleJudge, MixedJudgesError
+from phi4_nb.core import data_root, read_jsonl_resume, sha256_json
 from phi4_nb.evals import (extract_answer_line, extract_gsm_number, gsm_equal, last_boxed, extract_mc_letter, mc_prompt,
                            extract_code, check_math, pass_at_k, simpleqa_metrics, bootstrap_ci, mean_metric, Items,
-                           load_gsm8k, load_math, load_humaneval_items, data_root, sha256_items, MathTask, GSM8KTask,
-                           MCTask, HumanEvalTask, SimpleQATask, run_eval, read_samples, results_table, load_result,
+                           gsm8k_items, math_items, humaneval_items, MathTask, GSM8KTask,
+                           MCTask, HumanEvalTask, SimpleQATask, run_eval, results_table, load_result,
                            item_seed, MATH_TEMPLATE, RESULT_FORMAT)
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -129,7 +130,7 @@ def test_bootstrap_seeded_and_sensible():
 # ---------------------------------------------------------------- data
 @needs_data
 def test_loaders_real_files():
-    g, m = load_gsm8k(root=SHARED), load_math(root=SHARED)
+    g, m = gsm8k_items(root=SHARED), math_items(root=SHARED)
     assert len(g) == 1319 and g.info["file_sha256"] == "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"
     assert len(m) == 5000 and m.info["file_sha256"] == "fab323c7494481b145a89823f02cd5fe9e796ba5e6b770b28a25698630cacbdd"
     assert all(it["answer"] for it in m) and all(re.fullmatch(r"-?\d+", it["answer"]) for it in g)
@@ -142,14 +143,14 @@ def test_loader_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("PHI4_DATA", raising=False)
     with pytest.raises(FileNotFoundError, match="benchmark data folder not found"): data_root(tmp_path / "nope")
     (tmp_path / "gsm8k").mkdir()
-    with pytest.raises(FileNotFoundError): load_gsm8k(root=tmp_path)
+    with pytest.raises(FileNotFoundError): gsm8k_items(root=tmp_path)
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{broken\n')
-    with pytest.raises(ValueError, match="test.jsonl:2"): load_gsm8k(root=tmp_path)
+    with pytest.raises(ValueError, match="test.jsonl:2"): gsm8k_items(root=tmp_path)
     monkeypatch.setenv("PHI4_DATA", str(tmp_path))
     assert data_root() == tmp_path
 
 def test_humaneval_items():
-    he = load_humaneval_items()
+    he = humaneval_items()
     assert len(he) == 164 and he[0]["id"] == "HumanEval/0" and len(he.info["file_sha256"]) == 64
 
 # ---------------------------------------------------------------- runner
@@ -173,12 +174,12 @@ def test_resume_after_kill_no_duplicates(tmp_path):
     g1 = Crashing(arith_reply, die_at=3)
     with pytest.raises(KeyboardInterrupt): run_eval(GSM8KTask(), g1, "m", items, tmp_path / "run", n=3, batch_size=4, progress=False)
     spath = tmp_path / "run" / "m" / "gsm8k.samples.jsonl"
-    assert len(read_samples(spath)) == 8 * 3
+    assert len(read_jsonl_resume(spath)) == 8 * 3
     with open(spath, "a") as f: f.write('{"item_id": "t8", "sam')        # a torn line from the kill
     g2 = FakeGenerator(arith_reply)
     res = run_eval(GSM8KTask(), g2, "m", items, tmp_path / "run", n=3, batch_size=5, progress=False)
     assert g2.prompts == 4                                                   # only the missing items were generated
-    recs = read_samples(spath)
+    recs = read_jsonl_resume(spath)
     assert len(recs) == 36 and len({(r["item_id"], r["sample"]) for r in recs}) == 36
     assert res["samples"] == ref["samples"] and res["metrics"] == ref["metrics"] and res["ci"] == ref["ci"]
 
@@ -197,7 +198,7 @@ def test_result_json_format(tmp_path):
     for k in ("format", "model", "suite", "protocol", "config", "data", "seeds", "judge_ids", "metrics", "ci", "samples"):
         assert k in on_disk
     assert on_disk["format"] == RESULT_FORMAT and on_disk["config"]["temperature"] == 0.5 and on_disk["config"]["n"] == 2
-    assert on_disk["data"]["items_sha256"] == sha256_items(items) and on_disk["seeds"]["base"] == 7
+    assert on_disk["data"]["items_sha256"] == sha256_json(list(items)) and on_disk["seeds"]["base"] == 7
     s = on_disk["samples"][0]
     assert set(s) >= {"item_id", "sample", "seed", "prompt", "completion", "extracted", "correct"}
     assert s["seed"] == item_seed(7, "t0") and s["prompt"][0]["content"] == MATH_TEMPLATE.format(question=items[0]["question"])
@@ -226,7 +227,7 @@ def test_mc_task(tmp_path):
     assert res["metrics"]["accuracy"] == 0.8 and res["config"]["regex_version"] == "2024-11"   # "(E)" is not extracted
 
 def test_humaneval_task_in_sandbox(tmp_path):
-    he = load_humaneval_items().subset(limit=6)
+    he = humaneval_items().subset(limit=6)
     by_prompt = {it["prompt"]: it for it in he}
     def reply(t, i, rng):
         it = next(v for k, v in by_prompt.items() if t.endswith(k))
@@ -243,7 +244,7 @@ def test_humaneval_task_in_sandbox(tmp_path):
 
 def test_humaneval_records_name_a_degraded_sandbox(tmp_path):
     "Every record and the result say which kernel layers were missing when a program ran."
-    he = load_humaneval_items().subset(limit=2)
+    he = humaneval_items().subset(limit=2)
     canon = {it["prompt"]: f"```python\ndef {it['entry_point']}(*a):\n{it['canonical_solution']}```" for it in he}
     reply = lambda t, i, rng: next(v for k, v in canon.items() if t.endswith(k))
     res = run_eval(HumanEvalTask(n=1, ks=(1,), sandbox=dict(layers=dict(netns=False))), FakeGenerator(reply), "m", he,
@@ -251,7 +252,7 @@ def test_humaneval_records_name_a_degraded_sandbox(tmp_path):
     assert res["metrics"]["pass@1"] == 1.0
     assert [(s["isolation"], s["missing"]) for s in res["samples"]] == [("degraded", ["netns"])] * 2
     assert res["details"]["sandbox"] == {"isolation": "degraded", "missing": ["netns"]}
-    assert read_samples(tmp_path / "m" / "humaneval.samples.jsonl")[0]["missing"] == ["netns"]
+    assert read_jsonl_resume(tmp_path / "m" / "humaneval.samples.jsonl")[0]["missing"] == ["netns"]
 
 def test_rescore_with_another_judge_without_generation(tmp_path):
     from phi4_nb.evals import rescore

@@ -1,4 +1,4 @@
-"""The compiled path of the generation engine (`Engine(compile=True)`) against the eager path.
+"""The compiled path of the generation engine (`Engine(compile=True)`, `phi4_nb.compiled`) against the eager path.
 
 Compiling takes a few seconds per shape on the tiny preset, so these tests keep to a handful of shapes.
 
@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from phi4_nb import compiled as C
 from phi4_nb.config import get_config
 from phi4_nb.generate import Engine, SamplingParams
 from phi4_nb.model import Phi4ForCausalLM
@@ -76,7 +77,9 @@ def test_compiled_engine_follows_weight_updates():
     sp = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[])
     comp = Engine(m, compile=True)
     before = _ids(comp.generate(prompts, sp))
-    assert Engine(m, compile=True)._compiled_steps() is comp._compiled_steps()   # engines of one model share the code
+    steps = C.compile_steps(m)
+    assert _ids(Engine(m, compile=True).generate(prompts, sp)) == before
+    assert C.compile_steps(m) is steps                                    # engines of one model share the code
     with torch.no_grad():                      # an in-place update, as an optimizer step makes
         for p in m.parameters(): p.add_(torch.randn_like(p) * 0.05)
     with pytest.warns(UserWarning, match='compiling again'):
@@ -87,22 +90,21 @@ def test_compiled_engine_follows_weight_updates():
 
 def test_bfloat16_decode_uses_inductor_gemms_and_matches_eager():
     from torch._dynamo.utils import counters
-    from phi4_nb import generate as G
     class Choice:
         def __init__(self, name): self.name = name
     choices = [Choice('cpp_CppMicroGemmAMX_0'), Choice('_linear_pointwise')]
-    assert G._prefer_cpp(choices) == choices                       # outside a decode step's compile: untouched
-    G._IN_DECODE[0] = True
+    assert C._prefer_cpp(choices) == choices                       # outside a decode step's compile: untouched
+    C._IN_DECODE[0] = True
     try:
-        assert [c.name for c in G._prefer_cpp(choices)] == ['cpp_CppMicroGemmAMX_0']
-        assert G._prefer_cpp(choices[1:]) == choices[1:]           # no C++ GEMM for this one: keep what there is
-    finally: G._IN_DECODE[0] = False
+        assert [c.name for c in C._prefer_cpp(choices)] == ['cpp_CppMicroGemmAMX_0']
+        assert C._prefer_cpp(choices[1:]) == choices[1:]           # no C++ GEMM for this one: keep what there is
+    finally: C._IN_DECODE[0] = False
     m = _model(2).to(torch.bfloat16)
     prompts = _prompts(4, seed=3)
     sp = SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[])
     before = counters['inductor']['cpp_templated_kernel_counter']
     a, b = Engine(m).generate(prompts, sp), Engine(m, compile=True).generate(prompts, sp)
-    if torch.cpu._is_amx_tile_supported():   # every projection of the decode step, and the head: inductor's AMX GEMMs
+    if 'max_autotune' in C.compile_options(m, decode=True):   # every projection of a decode step, and the head: AMX GEMMs
         assert counters['inductor']['cpp_templated_kernel_counter'] - before == 4 * m.config.num_hidden_layers + 1
     # bfloat16 rounds differently in the two paths: compare each sample up to the first differing token
     agree, total = 0, 0
@@ -137,3 +139,38 @@ def test_unzeroed_cache_columns_are_never_read(monkeypatch):
     assert all(x == x for x in lps)                                           # no NaN anywhere
     same = sum(x == y for ra, rb in zip(_ids(a), _ids(b)) for x, y in zip(ra, rb))
     assert same == 10, (_ids(a), _ids(b))
+
+
+def test_setup_inductor_without_private_hooks(monkeypatch):
+    # another torch may lack the private inductor API: the hooks are left out, nothing raises, no AMX template is asked for
+    from torch._inductor import select_algorithm
+    from torch._inductor.codegen.common import KernelTemplate
+    monkeypatch.setattr(C, '_HOOKS', {})
+    monkeypatch.delattr(select_algorithm, 'add_preprocessing_fn')
+    monkeypatch.delattr(KernelTemplate, '_template_from_string')
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: True)
+    assert C._setup_inductor() == {'prefer_cpp': False, 'memo_templates': False, 'amx': True}
+    assert 'max_autotune' not in C.compile_options(_model().to(torch.bfloat16), decode=True)
+
+
+def test_cached_forward_runs_the_model_layers_and_the_attention_dispatch(monkeypatch):
+    # the compiled path's forward is the model's own layers: every attention call goes through phi4_nb.attention's
+    # dispatch, a decode step (and the prefill's last layer, one query) as 'cpu_decode' where the kernel runs
+    import phi4_nb.model as M
+    calls = []
+    def spy(q, k, v, impl='sdpa', **kw):
+        calls.append((impl, q.shape[2]))
+        return attention(q, k, v, impl, **kw)
+    attention = M.attention
+    monkeypatch.setattr(M, 'attention', spy)
+    m, n = _model(4), get_config('tiny').num_hidden_layers
+    cache = m.new_cache(2, C.cache_len(12)); cache.set_start(torch.tensor([3, 0]))
+    rope = C.rope_table(m, cache.max_len)
+    ids = torch.randint(3, 1000, (2, 8))
+    with torch.no_grad():
+        C.cached_forward(m, ids, torch.tensor(0), cache.start, *C.cache_columns(cache, 8), rope)
+        prefill, calls[:] = calls[:], []
+        C.cached_forward(m, ids[:, :1], torch.tensor(8), cache.start, *C.cache_columns(cache, 16), rope)
+    one = 'cpu_decode' if C.decode_kernel_on(torch.device('cpu')) else 'eager'
+    assert prefill == [('sdpa', 8)] * (n - 1) + [(one, 1)]
+    assert calls == [(one, 1)] * n

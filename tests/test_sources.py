@@ -3,7 +3,8 @@ import json
 import pytest
 from pathlib import Path
 from phi4_nb.sources import (load_source, SOURCES, register_source, jsonl_docs, text_docs, parquet_docs, html_docs, hf_docs,
-                             html_to_text, gsm8k_docs, math_docs, stdlib_docs, default_data_root, iter_jsonl)
+                             html_to_text, gsm8k_docs, math_docs, stdlib_docs, iter_jsonl)
+from phi4_nb.core import data_root as default_data_root
 
 def _is_doc(d): return isinstance(d, dict) and isinstance(d['id'], str) and isinstance(d['text'], str) and isinstance(d['source'], str)
 
@@ -27,7 +28,7 @@ def test_jsonl_errors(tmp_path, bad, msg):
 def test_missing_paths(tmp_path):
     for name in ('jsonl', 'text', 'parquet', 'html', 'hf'):
         with pytest.raises(FileNotFoundError, match='not found'): load_source(name, path=tmp_path / 'nope')
-    with pytest.raises(FileNotFoundError, match='data_root'): gsm8k_docs(data_root=tmp_path / 'nope')
+    with pytest.raises(FileNotFoundError, match='PHI4_DATA'): gsm8k_docs(data_root=tmp_path / 'nope')
     with pytest.raises(FileNotFoundError, match='not found'): list(gsm8k_docs(data_root=tmp_path))  # root exists, no gsm8k/
     with pytest.raises(FileNotFoundError, match='organic.jsonl'): load_source('tinyworld', world_dir=tmp_path)
 

@@ -1,0 +1,66 @@
+"""The main job at `tiny`: every stage into a temporary artifacts folder, every report notebook through papermill,
+skipping what did not change, rerunning what did, and naming the notebook and cell that fails.
+
+Run: pytest tests/test_reproduce.py
+"""
+import json, time
+from pathlib import Path
+import pytest
+from phi4_nb import reproduce as R
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    t0 = time.time()
+    res = R.reproduce('tiny', root=root/'artifacts', reports_root=root/'reports')
+    return root, res, time.time() - t0
+
+def test_every_stage_and_report_runs(tiny):
+    root, res, _ = tiny
+    assert list(res['stages']) == list(R.MAIN)
+    names = {p.stem for p in R.reports_dir().glob('*.ipynb') if not p.name.startswith('_')}
+    assert names >= {'alg1_decontam', 'tab05_mixture', 'fig01_amc', 'tab01_simple_evals', 'tab06_longctx',
+                     'bench_generate', 'bench_attention'}
+    assert {s['name'] for s in res['reports']} == names
+    out = root/'reports'/'tiny'
+    for s in res['reports']:
+        assert s['outputs'] and all((out/f).stat().st_size > 0 for f in s['outputs']), s
+        assert (out/f"{s['name']}.ipynb").exists() and s['verdict'] and s['agrees'] in (True, False, None)
+        figs = [f for f in s['outputs'] if f.endswith('.png')]
+        assert all((out/f.replace('.png', '.svg')).exists() for f in figs)
+    index = (out/'README.md').read_text()
+    assert all(f"({n}.ipynb)" in index for n in names)
+    assert res['stages']['evals']['sandbox']['canonical_passed'] == 164
+
+def test_nothing_changed_nothing_runs(tiny):
+    root, res, first = tiny
+    t0 = time.time()
+    again = R.reproduce('tiny', root=root/'artifacts', reports_root=root/'reports')
+    assert again['reports'] == res['reports'] and again['stages'].keys() == res['stages'].keys()
+    assert time.time() - t0 < max(20, first / 4)
+
+def test_a_change_upstream_reruns_what_is_below(tiny, monkeypatch):
+    root, _, _ = tiny
+    run = R.Run('tiny', root=root/'artifacts')
+    before = {s: R.done_hash(run, s) for s in R.MAIN}
+    monkeypatch.setitem(R.STAGE_SETTINGS['tiny'], 'longctx', {**R.STAGE_SETTINGS['tiny']['longctx'], 'n': 3})
+    assert R.stage_hash(run, 'longctx') != before['longctx']          # its own settings changed
+    assert R.stage_hash(run, 'evals') == before['evals']              # a sibling's did not
+    (root/'artifacts'/'tiny'/'model'/'done.json').write_text(json.dumps({'config_hash': 'changed'}))
+    assert R.stage_hash(run, 'evals') != before['evals']              # an upstream stage's hash did
+
+def test_a_failing_report_names_the_notebook_and_the_cell(tmp_path):
+    nb = dict(cells=[dict(cell_type='code', execution_count=None, id='a', metadata=dict(tags=['parameters']),
+                          outputs=[], source="preset = 'x'\nartifacts = ''"),
+                     dict(cell_type='code', execution_count=None, id='b', metadata={}, outputs=[], source="1 / 0")],
+              metadata=dict(kernelspec=dict(display_name='python3', language='python', name='python3')),
+              nbformat=4, nbformat_minor=5)
+    p = tmp_path/'broken_report.ipynb'; p.write_text(json.dumps(nb))
+    with pytest.raises(RuntimeError, match=r"broken_report.ipynb failed in cell 2 \(`1 / 0`\): ZeroDivisionError"):
+        R.run_report(R.Run('tiny', root=tmp_path/'a', reports=tmp_path/'r'), p)
+
+def test_bad_input():
+    with pytest.raises(ValueError, match='unknown stages'): R.reproduce('tiny', stages=['nope'], reports=[])
+    with pytest.raises(ValueError, match='unknown reports'): R.reproduce('tiny', stages=[], reports=['nope'])
+    with pytest.raises(ValueError): R.reproduce('no-such-preset', stages=[], reports=[])
+    with pytest.raises(ValueError, match='kind'): R.write_summary('.', 'x', 't', 's', 'v', None, [], kind='other')
