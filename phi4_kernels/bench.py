@@ -327,6 +327,9 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", default="", help="comma-separated head dims (overrides the sweep's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--no-bwd", action="store_true", help="forward only")
+    p.add_argument("--causal-only", action="store_true", help="only causal shapes")
+    p.add_argument("--deadline", type=float, default=0,
+                   help="seconds after which the sweep stops; the shapes left are written as skipped rows")
     p.add_argument("--e2e", action="store_true", help="also time a training step of the gpu preset (sdpa vs triton)")
     p.add_argument("--out-dir", default=None, help="where the CSV goes (default reports/data/bench)")
     p.add_argument("--append", action="store_true",
@@ -362,17 +365,24 @@ def main(argv=None) -> int:
         if args.head_dims:
             keep = {int(s) for s in args.head_dims.split(",")}
             shapes = [s for s in shapes if s[4] in keep]
+        if args.causal_only:
+            shapes = [s for s in shapes if s[5]]
     env = _gpu_env() if device == "cuda" else dict(torch=torch.__version__, triton=triton.__version__, device="cpu")
     print(json.dumps(env), flush=True)
     slug = _device_slug(dev_name)
     csv_path = out_dir / f"attention_{slug}.csv"
     rows = []
     kept = _previous_rows(csv_path) if args.append else []
+    t_start = time.monotonic()
     for shape in shapes:
         B, T, H, Hk, D, causal = shape
         for impl in impls:
-            r = bench_shape(kernels, impl, B, T, H, Hk, D, causal, dtype, device, interpret=args.interpret,
-                            backward=not args.no_bwd)
+            if args.deadline and time.monotonic() - t_start > args.deadline:   # out of time: say so, per row
+                r = dict(impl=impl, batch=B, seqlen=T, heads=H, kv_heads=Hk, head_dim=D, causal=causal,
+                         dtype=str(dtype).replace("torch.", ""), note="skipped: time budget")
+            else:
+                r = bench_shape(kernels, impl, B, T, H, Hk, D, causal, dtype, device, interpret=args.interpret,
+                                backward=not args.no_bwd)
             r.update(device=dev_name, torch=torch.__version__, triton=triton.__version__)
             rows.append(r)
             print(f"  {impl:>15} B={B} T={T} H={H}/{Hk} D={D} causal={causal}: fwd {r.get('fwd_tflops', '-')} "

@@ -63,7 +63,7 @@ def _autotune_enabled() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Shared device helpers
+# Shared device helpers (Triton inlines them into the kernels)
 # --------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -91,6 +91,58 @@ def _store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
+def _store_tile(base, stride_t, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store the (rows, BLOCK_D) tile x, cast to the element type of `base`, at rows `rows` of a head's slab."""
+    _store_rows(base + rows[:, None] * stride_t + offs_d[None, :], x.to(base.dtype.element_ty), rows, n_rows,
+                offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _load_tiles(a_src, b_src, start, rows, n_rows, offs_d, stride_a, stride_b,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr, UPCAST: tl.constexpr,
+                TMA: tl.constexpr):
+    """Load rows `rows` (= start + arange) of two same-shaped (rows, BLOCK_D) tiles, e.g. K and V.
+
+    With TMA, a_src/b_src are tensor descriptors bounded by the sequence (out-of-range rows read as zero); otherwise
+    they are the pointers of the head's first row, loaded with `_load_rows` (CHECK_ROWS guards rows past n_rows).
+    UPCAST converts both tiles to fp32."""
+    if TMA:
+        a = a_src.load([start, 0])
+        b = b_src.load([start, 0])
+    else:
+        a = _load_rows(a_src + rows[:, None] * stride_a + offs_d[None, :], rows, n_rows, offs_d,
+                       HEAD_DIM, BLOCK_D, CHECK_ROWS)
+        b = _load_rows(b_src + rows[:, None] * stride_b + offs_d[None, :], rows, n_rows, offs_d,
+                       HEAD_DIM, BLOCK_D, CHECK_ROWS)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _head_ptr(X, b64, start, h, stride_b, stride_t, stride_h):
+    "Pointer to the first row of head h of the sequence that starts at token `start` of batch row b64."
+    return X + b64 * stride_b + start * stride_t + h * stride_h
+
+
+@triton.jit
+def _tile_sources(a_base, b_base, n_rows, stride_at, stride_bt,
+                  HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """What `_load_tiles` reads two heads of n_rows rows from: their base pointers as given, or with TMA (Hopper bulk
+    copies) tensor descriptors whose bounds make the ragged tail read as zeros."""
+    if TMA:
+        a_src = tl.make_tensor_descriptor(a_base, shape=[n_rows, HEAD_DIM], strides=[stride_at, 1],
+                                          block_shape=[BLOCK_ROWS, BLOCK_D])
+        b_src = tl.make_tensor_descriptor(b_base, shape=[n_rows, HEAD_DIM], strides=[stride_bt, 1],
+                                          block_shape=[BLOCK_ROWS, BLOCK_D])
+    else:
+        a_src = a_base
+        b_src = b_base
+    return a_src, b_src
+
+
+@triton.jit
 def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """(start_q, len_q, start_k, len_k) of sequence b; dense tensors start at 0 inside their batch row."""
     if VARLEN:
@@ -104,6 +156,85 @@ def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
         q_len = seqlen_q
         k_len = seqlen_k
     return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _program(CU_Q, CU_K, seqlen_q, seqlen_k, n_heads, GROUP, VARLEN: tl.constexpr):
+    """Decode the program ids: (tile index, sequence b, head h, KV head h // GROUP, then `_seq_bounds` of b); grid
+    axis 1 is b * n_heads + h."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // GROUP
+    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    return pid, b, h, hk, q_start, len_q, k_start, len_k
+
+
+@triton.jit
+def _tile_offsets(start, b, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(b as int64, the tile's rows start + [0, BLOCK_R), the inner loop's offsets [0, BLOCK_C), the head dims)."""
+    b64 = b.to(tl.int64)
+    offs_r = start + tl.arange(0, BLOCK_R)
+    offs_c0 = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b64, offs_r, offs_c0, offs_d
+
+
+@triton.jit
+def _q_tile(pid_m, n_mblocks, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            CAUSAL: tl.constexpr):
+    """First row of this program's query tile (tiles in reverse order under a causal mask, longest rows first),
+    then `_tile_offsets` for it."""
+    if CAUSAL:
+        m_block = n_mblocks - 1 - pid_m
+    else:
+        m_block = pid_m
+    start_m = m_block * BLOCK_M
+    b64, offs_m, offs_n0, offs_d = _tile_offsets(start_m, b, BLOCK_M, BLOCK_N, BLOCK_D)
+    return start_m, b64, offs_m, offs_n0, offs_d
+
+
+@triton.jit
+def _key_range(start_m, len_q, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(diag, full, hi) for the query tile at start_m: key blocks [0, full) are visible to every row in full (no
+    mask), [full, hi) need the mask; diag = len_k - len_q aligns the causal mask to the bottom-right corner."""
+    diag = len_k - len_q
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), len_k)
+        full = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N  # blocks every row sees entirely
+        full = tl.minimum(full, len_k // BLOCK_N * BLOCK_N)
+    else:
+        hi = len_k
+        full = len_k // BLOCK_N * BLOCK_N
+    return diag, full, hi
+
+
+@triton.jit
+def _visible(q_idx, k_idx, len_q, len_k, diag, CHECK_Q: tl.constexpr, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs are attended, for broadcastable index blocks q_idx, k_idx: keys inside the sequence
+    (and, with CHECK_Q, queries too; len_q is read only then) and, with CAUSAL, keys at or left of the
+    bottom-right-aligned diagonal."""
+    if CHECK_Q:
+        keep = (q_idx < len_q) & (k_idx < len_k)
+    else:
+        keep = k_idx < len_k
+    if CAUSAL:
+        keep = keep & (k_idx <= q_idx + diag)
+    return keep
+
+
+@triton.jit
+def _row_stats(l_ptrs, d_ptrs, rows, n_rows, ACC: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """The saved LSE in log2 units (+inf for rows that saw no key, so their probabilities are 0) and delta."""
+    if CHECK_ROWS:
+        lse2 = tl.load(l_ptrs, mask=rows < n_rows, other=float("inf")).to(ACC) * 1.4426950408889634
+        delta = tl.load(d_ptrs, mask=rows < n_rows, other=0.0).to(ACC)
+    else:
+        lse2 = tl.load(l_ptrs).to(ACC) * 1.4426950408889634
+        delta = tl.load(d_ptrs).to(ACC)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that saw nothing: p = 0
+    return lse2, delta
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,23 +251,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
     With TMA, k_base/v_base are tensor descriptors bounded by the sequence (out-of-range rows read as zero)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if TMA:
-            k = k_base.load([start_n, 0])
-            v = v_base.load([start_n, 0])
-        else:
-            k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d,
-                           HEAD_DIM, BLOCK_D, MASK)
-            v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d,
-                           HEAD_DIM, BLOCK_D, MASK)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_tiles(k_base, v_base, start_n, offs_n, len_k, offs_d, stride_kt, stride_vt,
+                           HEAD_DIM, BLOCK_D, MASK, UPCAST, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale  # log2 units
         if MASK:
-            keep = offs_n[None, :] < len_k
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], 0, len_k, diag, False, CAUSAL), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         else:
@@ -162,30 +281,16 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                 UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    hk = h // GROUP
-    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    pid_m, b, h, hk, q_start, len_q, k_start, len_k = _program(CU_Q, CU_K, seqlen_q, seqlen_k, n_heads, GROUP, VARLEN)
     n_mblocks = tl.cdiv(len_q, BLOCK_M)
     if pid_m >= n_mblocks:
         return
-    if CAUSAL:
-        m_block = n_mblocks - 1 - pid_m  # longest rows first
-    else:
-        m_block = pid_m
-    start_m = m_block * BLOCK_M
-    b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
-    k_base = K + b64 * stride_kb + k_start * stride_kt + hk * stride_kh
-    v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
-    o_base = O + b64 * stride_ob + q_start * stride_ot + h * stride_oh
+    start_m, b64, offs_m, offs_n0, offs_d = _q_tile(pid_m, n_mblocks, b, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
+    q_base = _head_ptr(Q, b64, q_start, h, stride_qb, stride_qt, stride_qh)
+    k_base = _head_ptr(K, b64, k_start, hk, stride_kb, stride_kt, stride_kh)
+    v_base = _head_ptr(V, b64, k_start, hk, stride_vb, stride_vt, stride_vh)
+    o_base = _head_ptr(O, b64, q_start, h, stride_ob, stride_ot, stride_oh)
     l_base = LSE + b64 * stride_lb + h * stride_lh + q_start
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d,
                    HEAD_DIM, BLOCK_D, True)
     if UPCAST:
@@ -195,22 +300,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
 
-    diag = len_k - len_q  # bottom-right causal alignment
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), len_k)
-        full = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N  # blocks every row sees entirely
-        full = tl.minimum(full, len_k // BLOCK_N * BLOCK_N)
-    else:
-        hi = len_k
-        full = len_k // BLOCK_N * BLOCK_N
-    if TMA:  # Hopper bulk copies; the descriptor's bounds make the ragged tail read as zeros
-        k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_src = k_base
-        v_src = v_base
+    diag, full, hi = _key_range(start_m, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL)
+    k_src, v_src = _tile_sources(k_base, v_base, len_k, stride_kt, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
                                0, full, len_k, diag, qk_scale,
                                False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC, TMA)
@@ -222,8 +313,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(l_base + offs_m, lse, mask=offs_m < len_q)
-    _store_rows(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty), offs_m, len_q,
-                offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(o_base, stride_ot, acc, offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -238,21 +328,14 @@ def _bwd_delta_kernel(O, DO, DELTA, CU_Q,
                       seqlen_q, n_heads,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                       VARLEN: tl.constexpr, ACC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    q_start, len_q, _ks, _kl = _seq_bounds(CU_Q, CU_Q, b, seqlen_q, seqlen_q, VARLEN)
+    pid_m, b, h, _unused, q_start, len_q, _ks, _kl = _program(CU_Q, CU_Q, seqlen_q, seqlen_q, n_heads, 1, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
         return
-    b64 = b.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b64 * stride_ob + q_start * stride_ot + h * stride_oh
-                   + offs_m[:, None] * stride_ot + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b64 * stride_db + q_start * stride_dt + h * stride_dh
-                    + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    b64, offs_m, _offs, offs_d = _tile_offsets(start_m, b, BLOCK_M, BLOCK_M, BLOCK_D)
+    o, do = _load_tiles(_head_ptr(O, b64, q_start, h, stride_ob, stride_ot, stride_oh),
+                        _head_ptr(DO, b64, q_start, h, stride_db, stride_dt, stride_dh), start_m, offs_m, len_q,
+                        offs_d, stride_ot, stride_dt, HEAD_DIM, BLOCK_D, True, False, False)
     delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
     tl.store(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, delta, mask=offs_m < len_q)
 
@@ -268,31 +351,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, st
     With TMA, q_base/do_base are tensor descriptors bounded by the sequence."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        if TMA:
-            q = q_base.load([start_m, 0])
-            do = do_base.load([start_m, 0])
-        else:
-            q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d,
-                           HEAD_DIM, BLOCK_D, CHECK_ROWS)
-            do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, len_q, offs_d,
-                            HEAD_DIM, BLOCK_D, CHECK_ROWS)
-        if CHECK_ROWS:
-            lse2 = tl.load(l_base + offs_m, mask=offs_m < len_q, other=float("inf")).to(ACC) * 1.4426950408889634
-            delta = tl.load(d_base + offs_m, mask=offs_m < len_q, other=0.0).to(ACC)
-        else:
-            lse2 = tl.load(l_base + offs_m).to(ACC) * 1.4426950408889634
-            delta = tl.load(d_base + offs_m).to(ACC)
-        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that saw nothing: p = 0
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, do = _load_tiles(q_base, do_base, start_m, offs_m, len_q, offs_d, stride_qt, stride_dot,
+                            HEAD_DIM, BLOCK_D, CHECK_ROWS, UPCAST, TMA)
+        lse2, delta = _row_stats(l_base + offs_m, d_base + offs_m, offs_m, len_q, ACC, CHECK_ROWS)
         st = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
         pt = tl.math.exp2(st - lse2[None, :])
         if MASK:
-            keep = (offs_m[None, :] < len_q) & (offs_n[:, None] < len_k)
-            if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
-            pt = tl.where(keep, pt, 0.0)
+            pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], len_q, len_k, diag, True, CAUSAL), pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=ACC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)
         dst = pt * (dpt - delta[None, :])
@@ -302,38 +367,24 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qt, st
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-                     stride_qb, stride_qt, stride_qh,
-                     stride_kb, stride_kt, stride_kh,
-                     stride_vb, stride_vt, stride_vh,
-                     stride_dob, stride_dot, stride_doh,
-                     stride_dkb, stride_dkt, stride_dkh,
-                     stride_dvb, stride_dvt, stride_dvh,
-                     stride_lb, stride_lh,
-                     seqlen_q, seqlen_k, n_kv_heads, qk_scale, sm_scale, SEQ_BUCKET,
-                     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                     UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
-    hk = pid_bh % n_kv_heads
-    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                     stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_lb, stride_lh,
+                     seqlen_q, seqlen_k, n_kv_heads, qk_scale, sm_scale, SEQ_BUCKET, GROUP,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                     PREC: tl.constexpr, TMA: tl.constexpr = False):
+    pid_n, b, hk, _unused, q_start, len_q, k_start, len_k = _program(CU_Q, CU_K, seqlen_q, seqlen_k, n_kv_heads, 1,
+                                                                      VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= len_k:
         return
-    b64 = b.to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b64 * stride_kb + k_start * stride_kt + hk * stride_kh
-                   + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
-                   + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    b64, offs_n, offs_m0, offs_d = _tile_offsets(start_n, b, BLOCK_N, BLOCK_M, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    k, v = _load_tiles(_head_ptr(K, b64, k_start, hk, stride_kb, stride_kt, stride_kh),
+                       _head_ptr(V, b64, k_start, hk, stride_vb, stride_vt, stride_vh), start_n, offs_n, len_k,
+                       offs_d, stride_kt, stride_vt, HEAD_DIM, BLOCK_D, True, UPCAST, False)
 
     diag = len_k - len_q
     m_end = tl.cdiv(len_q, BLOCK_M) * BLOCK_M
@@ -348,18 +399,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         full = 0
     for g in range(GROUP):  # the query heads sharing this KV head, summed here: no atomics
         h = hk * GROUP + g
-        q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
-        do_base = DO + b64 * stride_dob + q_start * stride_dot + h * stride_doh
+        q_base = _head_ptr(Q, b64, q_start, h, stride_qb, stride_qt, stride_qh)
+        do_base = _head_ptr(DO, b64, q_start, h, stride_dob, stride_dot, stride_doh)
         l_base = LSE + b64 * stride_lb + h * stride_lh + q_start
         d_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
-        if TMA:
-            q_src = tl.make_tensor_descriptor(q_base, shape=[len_q, HEAD_DIM], strides=[stride_qt, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
-            do_src = tl.make_tensor_descriptor(do_base, shape=[len_q, HEAD_DIM], strides=[stride_dot, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-        else:
-            q_src = q_base
-            do_src = do_base
+        q_src, do_src = _tile_sources(q_base, do_base, len_q, stride_qt, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, l_base, d_base, stride_qt, stride_dot,
                                  offs_n, offs_m0, offs_d, lo, full, len_q, len_k, diag, qk_scale,
                                  True, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC, TMA)
@@ -367,11 +411,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                  offs_n, offs_m0, offs_d, full, m_end, len_q, len_k, diag, qk_scale,
                                  False, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, ACC, PREC, TMA)
     dk = dk * sm_scale
-    _store_rows(DK + b64 * stride_dkb + k_start * stride_dkt + hk * stride_dkh
-                + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), offs_n, len_k,
+    _store_tile(_head_ptr(DK, b64, k_start, hk, stride_dkb, stride_dkt, stride_dkh), stride_dkt, dk, offs_n, len_k,
                 offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + b64 * stride_dvb + k_start * stride_dvt + hk * stride_dvh
-                + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), offs_n, len_k,
+    _store_tile(_head_ptr(DV, b64, k_start, hk, stride_dvb, stride_dvt, stride_dvh), stride_dvt, dv, offs_n, len_k,
                 offs_d, HEAD_DIM, BLOCK_D)
 
 
@@ -383,24 +425,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
                   TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if TMA:
-            k = k_base.load([start_n, 0])
-            v = v_base.load([start_n, 0])
-        else:
-            k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, len_k, offs_d,
-                           HEAD_DIM, BLOCK_D, MASK)
-            v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, len_k, offs_d,
-                           HEAD_DIM, BLOCK_D, MASK)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_tiles(k_base, v_base, start_n, offs_n, len_k, offs_d, stride_kt, stride_vt,
+                           HEAD_DIM, BLOCK_D, MASK, UPCAST, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
-            keep = offs_n[None, :] < len_k
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], 0, len_k, diag, False, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC, out_dtype=ACC)
@@ -409,65 +439,29 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-                   stride_qb, stride_qt, stride_qh,
-                   stride_kb, stride_kt, stride_kh,
-                   stride_vb, stride_vt, stride_vh,
-                   stride_dob, stride_dot, stride_doh,
-                   stride_dqb, stride_dqt, stride_dqh,
-                   stride_lb, stride_lh,
-                   seqlen_q, seqlen_k, n_heads, qk_scale, sm_scale, SEQ_BUCKET,
-                   GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                   UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr = False):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    hk = h // GROUP
-    q_start, len_q, k_start, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                   stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
+                   seqlen_q, seqlen_k, n_heads, qk_scale, sm_scale, SEQ_BUCKET, GROUP,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                   PREC: tl.constexpr, TMA: tl.constexpr = False):
+    pid_m, b, h, hk, q_start, len_q, k_start, len_k = _program(CU_Q, CU_K, seqlen_q, seqlen_k, n_heads, GROUP, VARLEN)
     n_mblocks = tl.cdiv(len_q, BLOCK_M)
     if pid_m >= n_mblocks:
         return
-    if CAUSAL:
-        m_block = n_mblocks - 1 - pid_m
-    else:
-        m_block = pid_m
-    start_m = m_block * BLOCK_M
-    b64 = b.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
-                   + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b64 * stride_dob + q_start * stride_dot + h * stride_doh
-                    + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    start_m, b64, offs_m, offs_n0, offs_d = _q_tile(pid_m, n_mblocks, b, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
+    q, do = _load_tiles(_head_ptr(Q, b64, q_start, h, stride_qb, stride_qt, stride_qh),
+                        _head_ptr(DO, b64, q_start, h, stride_dob, stride_dot, stride_doh), start_m, offs_m, len_q,
+                        offs_d, stride_qt, stride_dot, HEAD_DIM, BLOCK_D, True, UPCAST, False)
     l_ptrs = b64 * stride_lb + h * stride_lh + q_start + offs_m
-    lse2 = tl.load(LSE + l_ptrs, mask=offs_m < len_q, other=float("inf")).to(ACC) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-    delta = tl.load(DELTA + l_ptrs, mask=offs_m < len_q, other=0.0).to(ACC)
-    k_base = K + b64 * stride_kb + k_start * stride_kt + hk * stride_kh
-    v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
+    lse2, delta = _row_stats(LSE + l_ptrs, DELTA + l_ptrs, offs_m, len_q, ACC, True)
+    k_base = _head_ptr(K, b64, k_start, hk, stride_kb, stride_kt, stride_kh)
+    v_base = _head_ptr(V, b64, k_start, hk, stride_vb, stride_vt, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
 
-    diag = len_k - len_q
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), len_k)
-        full = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N
-        full = tl.minimum(full, len_k // BLOCK_N * BLOCK_N)
-    else:
-        hi = len_k
-        full = len_k // BLOCK_N * BLOCK_N
-    if TMA:
-        k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_src = k_base
-        v_src = v_base
+    diag, full, hi = _key_range(start_m, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL)
+    k_src, v_src = _tile_sources(k_base, v_base, len_k, stride_kt, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt,
                        offs_m, offs_n0, offs_d, 0, full, len_k, diag, qk_scale,
                        False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC, TMA)
@@ -475,8 +469,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                        offs_m, offs_n0, offs_d, full, hi, len_k, diag, qk_scale,
                        True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, ACC, PREC, TMA)
     dq = dq * sm_scale
-    _store_rows(DQ + b64 * stride_dqb + q_start * stride_dqt + h * stride_dqh
-                + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), offs_m, len_q,
+    _store_tile(_head_ptr(DQ, b64, q_start, h, stride_dqb, stride_dqt, stride_dqh), stride_dqt, dq, offs_m, len_q,
                 offs_d, HEAD_DIM, BLOCK_D)
 
 

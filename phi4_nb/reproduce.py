@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_reproduce.ipynb #a6b6c80d
 from __future__ import annotations
-import json, os, time
+import json, os, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -18,7 +18,7 @@ __all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'STAGES', 'Run', 'done_hash', 's
            'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model', 'load_lm',
            'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_smollm2', 'reports_dir', 'save_figure',
            'save_table', 'published', 'write_summary', 'report_params', 'run_report', 'write_index', 'reproduce',
-           'reproduce_cli']
+           'reproduce_cli', 'build_docs', 'docs_cli']
 
 # %% ../nbs/50_reproduce.ipynb #76b3a8c5
 _SMOKE = dict(
@@ -27,8 +27,10 @@ _SMOKE = dict(
     mixture=dict(stdlib_files=200, shard_tokens=1 << 22),
     model=dict(),
     evals=dict(models=('init', 'SmolLM2-135M-Instruct'), limit=40, n=2, max_tokens=128, amc_tests=4, amc_n=2,
-               amc_max_tokens=256, dtype='bfloat16', compile=True),
-    longctx=dict(models=('init', 'SmolLM2-135M-Instruct'), n=6, multiples=(1, 2), base_ctx=1024, dtype='bfloat16'),
+               amc_max_tokens=256, dtype='float32', compile=True,    # float32: bfloat16 is slow without AMX units
+               # SmolLM2 is 20x bigger: fewer samples, and eager (compiling each new shape costs more than it saves)
+               per_model={'SmolLM2-135M-Instruct': dict(n=1, amc_tests=2, compile=False)}),
+    longctx=dict(models=('init', 'SmolLM2-135M-Instruct'), n=6, multiples=(1, 2), base_ctx=1024, dtype='float32'),
     generate=dict(smollm2=True, repeats=3, scenarios=[
         dict(model=m, dtype=dt, compile=c, batch=32, n=n, prompt_len=pl, max_tokens=mt, temperature=0.5, top_p=tp)
         for m, dt, c, n, pl, mt, tp in [
@@ -53,9 +55,9 @@ STAGE_SETTINGS = {
              'longctx': dict(models=('init',), n=2, multiples=(1,), base_ctx=128, dtype='float32')},
     'smoke': _SMOKE,
     'gpu': {**_SMOKE, 'world': dict(world_preset='gpu'), 'curate': dict(max_labels=20000),
-            'evals': {**_SMOKE['evals'], 'limit': 200, 'n': 4}},
+            'evals': {**_SMOKE['evals'], 'limit': 200, 'n': 4, 'per_model': {}}},
     'phi-4': {**_SMOKE, 'world': dict(world_preset='gpu'), 'curate': dict(max_labels=100000),
-              'evals': {**_SMOKE['evals'], 'models': ('init',), 'limit': None, 'n': 10, 'amc_n': 10}},
+              'evals': {**_SMOKE['evals'], 'models': ('init',), 'limit': None, 'n': 10, 'amc_n': 10, 'per_model': {}}},
 }
 
 DEPENDS = {'world': (), 'tokenizer': ('world',), 'curate': ('world',), 'decontam': ('world', 'curate'),
@@ -96,6 +98,10 @@ def run_stage(run:Run, name:str)->dict:
         print(f"[{name}] up to date"); return json.loads((out/'metrics.json').read_text())
     print(f"[{name}] running", flush=True)
     (out/'done.json').unlink(missing_ok=True)
+    start = out/'started.json'                                  # partial work resumes only under the same inputs
+    if run.force or not start.exists() or json.loads(start.read_text()).get('config_hash') != h:
+        shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
+        atomic_write_json(start, {'config_hash': h})
     t0 = time.time()
     metrics = STAGES[name](run, out, run.settings(name))
     metrics['seconds'] = round(time.time() - t0, 1)
@@ -242,16 +248,17 @@ def stage_evals(run, out, cfg):
     from phi4_nb.amc import mc_to_amc, run_amc
     from phi4_nb.world import load_test_set
     res = dict(sandbox=_sandbox_check(), models={})
-    mc = load_test_set(run.dir('world'), 'mc')[:25 * cfg['amc_tests']]
-    problems = mc_to_amc(mc, test_size=25)                     # 25-question tests, five options, "None of these"
     for name in cfg['models']:
-        lm = load_lm(run, name, cfg['dtype'], cfg['compile'])
+        c = {**cfg, **cfg.get('per_model', {}).get(name, {})}      # a bigger model may get fewer samples
+        mc = load_test_set(run.dir('world'), 'mc')[:25 * c['amc_tests']]
+        problems = mc_to_amc(mc, test_size=25)                 # 25-question tests, five options, "None of these"
+        lm = load_lm(run, name, c['dtype'], c['compile'])
         r = res['models'][lm.model_id] = {}
-        a = run_amc(lm.generate, lm.model_id, problems, out/'amc', n=cfg['amc_n'], temperature=0.5,
-                    max_tokens=cfg['amc_max_tokens'], seed=run.seed, batch_size=32, progress=False)
-        r['amc'] = dict(score=a['metrics']['score'], two_sigma=a['metrics']['score_2sigma'], n_tests=cfg['amc_tests'])
-        for suite, (task, items) in _tw_suites(run, cfg).items():
-            e = run_eval_(task, lm, items, out/'simple-evals', cfg, run.seed)
+        a = run_amc(lm.generate, lm.model_id, problems, out/'amc', n=c['amc_n'], temperature=0.5,
+                    max_tokens=c['amc_max_tokens'], seed=run.seed, batch_size=32, progress=False)
+        r['amc'] = dict(score=a['metrics']['score'], two_sigma=a['metrics']['score_2sigma'], n_tests=c['amc_tests'])
+        for suite, (task, items) in _tw_suites(run, c).items():
+            e = run_eval_(task, lm, items, out/'simple-evals', c, run.seed)
             r[suite] = dict(metrics=e['metrics'], ci=e.get('ci'), n_items=len(items))
         del lm
     return res
@@ -363,13 +370,23 @@ def save_figure(fig, out_dir, name:str)->list[str]:
     import matplotlib.pyplot as plt
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     for ext in ('png', 'svg'): fig.savefig(out/f"{name}.{ext}", dpi=120, bbox_inches='tight')
+    try:
+        from IPython.display import display
+        display(fig)                                              # in a notebook: shown once, where it was made
+    except ImportError: pass
     plt.close(fig)
     return [f"{name}.png", f"{name}.svg"]
 
 def save_table(df, out_dir, name:str, floatfmt:str='.4g')->list[str]:
     "A DataFrame as `name`.md (Markdown) and `name`.csv in `out_dir`; returns the file names."
+    import pandas as pd
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out/f"{name}.md", df.to_markdown(floatfmt=floatfmt) + "\n")
+    if (out/f"{name}.ipynb").exists():                          # the site would make one page of both
+        raise ValueError(f"table name {name!r} is the name of a notebook in {out}: give the table its own name")
+    flat = isinstance(df.index, pd.MultiIndex)                  # one Markdown column per index level
+    md = df.reset_index() if flat else df
+    md = md.astype(object).where(md.notna(), None)             # blanks, not "nan"
+    atomic_write_text(out/f"{name}.md", md.to_markdown(index=not flat, floatfmt=floatfmt, missingval='') + "\n")
     atomic_write_text(out/f"{name}.csv", df.to_csv())
     return [f"{name}.md", f"{name}.csv"]
 
@@ -400,6 +417,15 @@ def _kernel()->str:
     from jupyter_client.kernelspec import find_kernel_specs
     return 'phi4-nb' if 'phi4-nb' in find_kernel_specs() else 'python3'
 
+def _local_kernels():
+    "A kernel manager whose kernels talk over local sockets (IPC) rather than unencrypted TCP."
+    from jupyter_client.manager import KernelManager
+    from traitlets import default
+    class LocalKernelManager(KernelManager):
+        @default('transport')
+        def _transport(self): return 'ipc'
+    return LocalKernelManager
+
 def report_params(preset:str)->dict:
     import yaml
     p = reports_dir()/'params'/f"{preset}.yaml"
@@ -410,7 +436,8 @@ def run_report(run:Run, nb:Path)->dict:
     "Execute one report notebook (unless nothing it reads changed); returns its summary."
     import papermill as pm
     out = run.report_dir(); out.mkdir(parents=True, exist_ok=True)
-    params = {**report_params(run.preset), 'preset': run.preset, 'artifacts': str(run.dir('').parent.resolve())}
+    params = {**report_params(run.preset), 'preset': run.preset,        # paths as seen from where it runs
+              'artifacts': os.path.relpath(run.dir('').parent.resolve(), out.parent.resolve())}
     h = config_hash(dict(nb=sha256_file(nb), params=params, data=_tree_hash(reports_dir()/'data'),
                          stages={s: done_hash(run, s) for s in DEPENDS}))
     hashes = json.loads((out/'.hashes.json').read_text()) if (out/'.hashes.json').exists() else {}
@@ -419,13 +446,17 @@ def run_report(run:Run, nb:Path)->dict:
     print(f"[{nb.stem}] running", flush=True); t0 = time.time()
     try:
         pm.execute_notebook(str(nb), str(out/nb.name), parameters=params, cwd=str(out.parent), kernel_name=_kernel(),
-                            progress_bar=False)
+                            progress_bar=False, kernel_manager_class=_local_kernels())
     except pm.PapermillExecutionError as e:                      # name the cell as the notebook numbers it
         cells = [''.join(c['source']) for c in json.loads(nb.read_text())['cells']]
         k = cells.index(e.source) + 1 if e.source in cells else e.exec_count
         first = e.source.strip().splitlines()[0] if e.source.strip() else ''
         raise RuntimeError(f"reports/{nb.name} failed in cell {k} (`{first}`): {e.ename}: {e.evalue} "
                            f"(the executed notebook is {out/nb.name})") from None
+    done = json.loads((out/nb.name).read_text())                 # papermill records absolute paths: keep relative ones
+    done['metadata'].get('papermill', {}).update(input_path=os.path.relpath(nb, out.parent),
+                                                 output_path=f"{out.name}/{nb.name}")
+    atomic_write_text(out/nb.name, json.dumps(done, indent=1, ensure_ascii=False) + "\n")
     hashes[nb.stem] = h; atomic_write_json(out/'.hashes.json', hashes)
     print(f"[{nb.stem}] done in {time.time() - t0:.1f} s", flush=True)
     return json.loads((out/f"{nb.stem}.json").read_text())
@@ -444,7 +475,11 @@ def write_index(out_dir, preset:str, summaries:list)->Path:
         files = ", ".join(f"[{f}]({f})" for f in s['outputs'])
         lines.append(f"| [{s['title']}]({s['name']}.ipynb) | {s['shows']} | {mark(s)} | {s['verdict']} | "
                      f"{files} |")
-    return atomic_write_text(Path(out_dir)/'README.md', "\n".join(lines) + "\n")
+    for s in summaries:                                          # the figures themselves, for readers on a code host
+        lines += [x for f in s['outputs'] if f.endswith('.png') for x in ("", f"### {s['title']}", "", f"![]({f})")]
+    path, text = Path(out_dir)/'README.md', "\n".join(lines) + "\n"
+    if path.exists() and path.read_text() == text: return path   # unchanged: left untouched
+    return atomic_write_text(path, text)
 
 # %% ../nbs/50_reproduce.ipynb #ccf29827
 STAGES = dict(world=stage_world, tokenizer=stage_tokenizer, curate=stage_curate, decontam=stage_decontam,
@@ -485,3 +520,77 @@ def reproduce_cli(preset:str='smoke', # tiny | smoke | gpu | phi-4
     "Run the stages at a preset into artifacts/<preset>/, then the report notebooks into reports/<preset>/."
     pick = lambda s: None if not s else [] if s == 'none' else s.split(',')
     reproduce(preset, pick(stages), pick(reports), seed, force=force)
+
+# %% ../nbs/50_reproduce.ipynb #a1b2c3e0
+def _stage_lesson(src:Path, dst:Path, execute:bool):
+    "A lesson for the site: executed (in nbs/, as the tests run it), then without its hidden and directive-only cells."
+    import papermill as pm
+    if execute:
+        pm.execute_notebook(str(src), str(dst), cwd=str(src.parent), kernel_name=_kernel(), progress_bar=False,
+                            kernel_manager_class=_local_kernels())
+        nb = json.loads(dst.read_text())
+    else: nb = json.loads(src.read_text())
+    keep = []
+    for c in nb['cells']:
+        text = ''.join(c['source']); first = text.split('\n', 1)[0].strip()
+        if c['cell_type'] == 'code' and (first in ('#| hide', '#|hide') or first.startswith('#| default_exp')): continue
+        if c['cell_type'] == 'code' and first.startswith('#| export'): c['source'] = text.split('\n', 1)[-1]
+        keep.append(c)
+    nb['cells'] = keep
+    atomic_write_text(dst, json.dumps(nb))
+
+def _nb_title(path:Path)->str:
+    "A notebook's first Markdown heading (its title), else its name."
+    for c in json.loads(Path(path).read_text())['cells']:
+        line = ''.join(c['source']).lstrip().split('\n', 1)[0]
+        if c['cell_type'] == 'markdown' and line.startswith('# '): return line[2:].strip()
+    return Path(path).stem
+
+def _docs_home()->str:
+    "The README as the site's home page, its links pointed at the site's pages."
+    import re
+    text = (repo_root()/'README.md').read_text()
+    text = re.sub(r'\(nbs/([\w-]+)\.ipynb\)', r'(lessons/\1.ipynb)', text)
+    return text.replace('](phi4_kernels/README.md)', '](kernels.md)')
+
+# %% ../nbs/50_reproduce.ipynb #a1b2c3e1
+def build_docs(preset:str='smoke',        # whose reports go in
+               out='_docs',               # the site's folder
+               lessons:list|None=None,    # lesson names (default: every notebook in nbs/)
+               execute:bool=True,         # run the lessons for their outputs
+               reports_root=None)->Path:  # where the reports are (default: reports/), under <preset>/
+    "Build the documentation site: the lessons with outputs, the reports of `preset`, the kernels' README."
+    import subprocess, sys, yaml
+    from tqdm.auto import tqdm
+    root, stage = repo_root(), repo_root()/'_proc'/'site'
+    rep = Path(reports_root or reports_dir())/preset
+    if not (rep/'README.md').exists():
+        raise FileNotFoundError(f"no reports of preset {preset!r} in {rep}: "
+                                f"run `phi4_reproduce --preset {preset}` first")
+    shutil.rmtree(stage, ignore_errors=True); (stage/'docs'/'lessons').mkdir(parents=True)
+    atomic_write_text(stage/'docs'/'index.md', _docs_home())
+    nbs = [p for p in sorted((root/'nbs').glob('*.ipynb')) if lessons is None or p.stem in lessons]
+    for p in tqdm(nbs, desc='lessons', leave=False): _stage_lesson(p, stage/'docs'/'lessons'/p.name, execute)
+    shutil.copytree(rep, stage/'docs'/'reports', ignore=shutil.ignore_patterns('.*'))
+    clash = sorted(p.stem for p in (stage/'docs'/'reports').glob('*.ipynb') if p.with_suffix('.md').exists())
+    if clash: raise ValueError(f"reports {clash} have a Markdown file of the same name in {rep}: "
+                               f"both would become one page; rerun the reports with distinct table names")
+    shutil.copy(root/'phi4_kernels'/'README.md', stage/'docs'/'kernels.md')
+    reports = sorted(p.name for p in (stage/'docs'/'reports').glob('*.ipynb'))
+    cfg = dict(site_name='phi4-nb', docs_dir='docs', theme=dict(name='material', font=False),
+               plugins=['search', {'mkdocs-jupyter': dict(include=['*.ipynb'], execute=False, include_source=True,
+                                                           cache_dir=str(root/'_proc'/'docs-cache'))}],
+               nav=[{'Home': 'index.md'}, {'Lessons': [{_nb_title(p): f'lessons/{p.name}'} for p in nbs]},
+                    {'Reports': [{'Index': 'reports/README.md'}] +
+                                [{_nb_title(stage/'docs'/'reports'/r): f'reports/{r}'} for r in reports]},
+                    {'Kernels': 'kernels.md'}])
+    atomic_write_text(stage/'mkdocs.yml', yaml.safe_dump(cfg, sort_keys=False))
+    subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '-q', '-f', str(stage/'mkdocs.yml'), '-d',
+                    str(Path(out).resolve())], check=True)
+    return Path(out)
+
+@call_parse
+def docs_cli(preset:str='smoke', # whose reports go in
+             out:str='_docs'):   # the site's folder
+    "Build the documentation site into `out`."
+    print(build_docs(preset, out))

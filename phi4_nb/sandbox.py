@@ -439,6 +439,15 @@ def _plan(python:str, overrides:dict|None)->dict:
 def _proc_status(pid:str, keys:tuple)->dict:
     with open(f"/proc/{pid}/status") as f: return dict(l.split(":", 1) for l in f if l.split(":", 1)[0] in keys)
 
+def _procs(*keys)->list[tuple[str, dict]]:
+    "(pid, the asked `status` fields) of every process that can still be read (processes come and go meanwhile)."
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try: st = _proc_status(d, keys)
+        except (OSError, ValueError): continue
+        if set(keys) <= set(st): out.append((d, st))
+    return out
+
 def _alive(pid:str, state:str)->bool:
     "A process is alive if it or any of its threads is not a zombie."
     if not state.strip().startswith(("Z", "X")): return True
@@ -453,25 +462,11 @@ def _alive(pid:str, state:str)->bool:
 
 def _pids_of_uid(uid:int)->list[int]:
     "Live processes whose real uid is `uid`."
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit(): continue
-        try:
-            st = _proc_status(d, ("State", "Uid"))
-            if int(st["Uid"].split()[0]) == uid and _alive(d, st["State"]): out.append(int(d))
-        except (OSError, ValueError, KeyError): pass
-    return out
+    return [int(d) for d, st in _procs("State", "Uid") if int(st["Uid"].split()[0]) == uid and _alive(d, st["State"])]
 
 def _tasks_of_uid(uid:int)->int:
     "Number of tasks (threads included: what RLIMIT_NPROC counts) owned by `uid`."
-    n = 0
-    for d in os.listdir("/proc"):
-        if not d.isdigit(): continue
-        try:
-            st = _proc_status(d, ("Uid", "Threads"))
-            if int(st["Uid"].split()[0]) == uid: n += int(st["Threads"])
-        except (OSError, ValueError, KeyError): pass
-    return n
+    return sum(int(st["Threads"]) for _, st in _procs("Uid", "Threads") if int(st["Uid"].split()[0]) == uid)
 
 def _kill_all(pgid:int|None, uid:int|None)->int:
     "Kill the process group and (when known) every process of `uid`; return how many stragglers were found."
@@ -1042,13 +1037,14 @@ def _sysv_keys()->set:
 def _named(marker:str)->list[int]:
     "Live host tasks (threads included) whose name is `marker`."
     out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit(): continue
-        try:
-            for t in os.listdir(f"/proc/{d}/task"):
+    for d, _ in _procs("Name"):
+        try: tids = os.listdir(f"/proc/{d}/task")
+        except OSError: continue
+        for t in tids:
+            try:
                 with open(f"/proc/{d}/task/{t}/stat") as f: name, rest = f.read().split(" (", 1)[1].rsplit(") ", 1)
-                if name == marker and rest[0] not in "ZX": out.append(int(t))
-        except OSError: pass
+            except (OSError, ValueError): continue
+            if name == marker and rest[0] not in "ZX": out.append(int(t))
     return out
 
 def _breaches(self, marker:str, forbid:str)->list[str]:

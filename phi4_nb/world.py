@@ -918,19 +918,26 @@ def items_sharing_ngrams(test_texts:list[str], train_texts:Iterable[str], n:int=
     "How many test texts share a word n-gram with the training texts (a test text shorter than n words: occurs whole)."
     tests = [word_ids(words(t)) for t in test_texts]
     lens = sorted({min(n, len(t)) for t in tests if len(t)})
-    seen = {m: [np.empty(0, np.uint64)] for m in lens}
-    for t in train_texts:
-        for m, h in zip(lens, ngram_hashes_multi(word_ids(words(t)), lens)): seen[m].append(h)
-    seen = {m: np.unique(np.concatenate(hs)) for m, hs in seen.items()}
-    return sum(bool(len(ids)) and bool(np.isin(ngram_hashes(ids, n, whole=True), seen[min(n, len(ids))]).any())
-               for ids in tests)
+    keys = {}                                            # gram length -> (sorted test grams, the test each came from)
+    for m in lens:
+        g = [(h, i) for i, t in enumerate(tests) if len(t) and min(n, len(t)) == m for h in ngram_hashes(t, m)]
+        h, owner = np.array([x for x, _ in g], np.uint64), np.array([i for _, i in g], np.int64)
+        o = np.argsort(h); keys[m] = (h[o], owner[o])
+    hit = np.zeros(len(tests), bool)
+    for t in train_texts:                                # stream the corpus: one document's grams at a time
+        for m, h in zip(lens, ngram_hashes_multi(word_ids(words(t)), lens)):
+            k, owner = keys[m]
+            pos = np.searchsorted(k, h).clip(0, len(k) - 1)
+            hit[owner[pos[k[pos] == h]]] = True
+    return int(hit.sum())
 
 def _occurs_in(text:str, n:int=3):
     "Whether q occurs in `text` as a whole-word sequence, for many q: hashed word n-gram filter, then substring."
     grams = np.unique(ngram_hashes(word_ids(text.split()), n))
     def f(q):
         g = ngram_hashes(word_ids(q.split()), n)          # none when q has fewer than n words: the substring decides
-        if len(g) and not np.isin(g, grams).all(): return False
+        if len(g) and not (len(grams) and (grams[np.searchsorted(grams, g).clip(0, len(grams) - 1)] == g).all()):
+            return False                                  # (grams is sorted: a binary search per gram)
         return q in text
     return f
 

@@ -7,6 +7,7 @@ reference is at most twice the error of PyTorch's own attention computed at the 
 
 Run: pytest tests/test_kernels.py
 """
+import json
 import math
 import os
 import subprocess
@@ -514,3 +515,15 @@ def test_gpu_training_tracks_sdpa():
         curves[impl] = losses
     for a, b in zip(curves["sdpa"], curves["triton"]):
         assert abs(a - b) < 0.02 * max(1.0, abs(a)), curves
+
+
+def test_gpu_check_plumbing_on_cpu(tmp_path):
+    "`make gpu-check` on a CPU: every part runs on Triton's interpreter at tiny sizes and writes its CSV."
+    if CUDA:
+        pytest.skip("on a GPU the check itself is run")
+    r = subprocess.run([sys.executable, "-m", "phi4_kernels.gpu_check", "--cpu", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for f in ("gpu_kernel_tests_cpu.csv", "gpu_loss_check_cpu.csv", "attention_interpret.csv", "gpu_check_cpu.json"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    assert json.loads((tmp_path / "gpu_check_cpu.json").read_text())["loss_check"]["tracks"]
