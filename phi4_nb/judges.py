@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_judges.ipynb #40d5dc50
 from __future__ import annotations
-import hashlib, json, random, re, sqlite3, threading, time, urllib.error, urllib.request
+import hashlib, json, random, re, sqlite3, threading, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, Union
@@ -231,33 +231,19 @@ class GeneratorJudge(Judge):
 
 # %% ../nbs/41_judges.ipynb #9763c362
 class HTTPJudge(Judge):
-    "A judge behind an OpenAI-compatible chat-completions endpoint."
+    "A judge behind an OpenAI-compatible chat-completions endpoint (the official client, via `OpenAIBackend`)."
     def __init__(self, base_url:str, model:str, rubric:Rubric|str, api_key:str|None=None, temperature:float=0.0,
-                 max_tokens:int=16, retries:int=5, backoff:float=1.0, timeout:float=60.0, cache=None):
+                 max_tokens:int=16, retries:int=5, timeout:float=60.0, cache=None):
+        from phi4_nb.llm import OpenAIBackend
         super().__init__(rubric, cache)
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.temperature, self.max_tokens = model, api_key, temperature, max_tokens
-        self.retries, self.backoff, self.timeout = retries, backoff, timeout
+        self.llm = OpenAIBackend(model, base_url, api_key=api_key, concurrency=1, max_retries=retries, timeout=timeout)
+        self.temperature, self.max_tokens = temperature, max_tokens
         self.backend_id = f"http:{model}@t{temperature:g}"
-        self.attempts = 0
     def complete(self, messages):
-        body = json.dumps(dict(model=self.model, messages=messages, temperature=self.temperature,
-                               max_tokens=self.max_tokens)).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key: headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(self.retries + 1):
-            self.attempts += 1
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500: raise
-                err = e
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                err = e
-            if attempt < self.retries: time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random() / 2))
-        raise RuntimeError(f"judge endpoint {self.url} failed after {self.retries + 1} attempts: {err!r}")
+        from phi4_nb.llm import Request
+        rep = self.llm.complete([Request(messages, temperature=self.temperature, max_tokens=self.max_tokens)])[0]
+        if not rep.ok: raise RuntimeError(f"judge endpoint {self.llm.urls[0]} failed: {rep.error}")
+        return rep.texts[0]
 
 # %% ../nbs/41_judges.ipynb #fe2a2aba
 class MixedJudgesError(ValueError):

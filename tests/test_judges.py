@@ -1,5 +1,5 @@
 "Judges: HTTP endpoint (local server only), local generator, rule stand-ins, cache, judge-mixing guard."
-import http.server, json, multiprocessing as mp, threading, urllib.error
+import http.server, json, multiprocessing as mp, threading
 from concurrent.futures import ThreadPoolExecutor
 import pytest
 from phi4_nb.judges import (HTTPJudge, GeneratorJudge, RuleJudge, FakeGenerator, JudgeCache, Verdict, cache_key,
@@ -15,8 +15,11 @@ class Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, dict(self.headers), body))
                 code, reply = outer.script.pop(0) if outer.script else outer.default
-                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(code); self.send_header("Content-Length", str(len(out))); self.end_headers()
+                out = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                               "finish_reason": "stop"}]}).encode()
+                self.send_response(code); self.send_header("Content-Length", str(len(out)))
+                self.send_header("Content-Type", "application/json"); self.send_header("retry-after-ms", "1")
+                self.end_headers()
                 self.wfile.write(out)
             def log_message(self, *a): pass
         self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
@@ -26,27 +29,29 @@ class Server:
 
 def test_http_judge_request_shape_and_retries():
     with Server([(500, ""), (429, ""), (200, "Yes")]) as s:
-        j = HTTPJudge(s.url, "m1", "equality", api_key="k", backoff=0.001)
+        j = HTTPJudge(s.url, "m1", "equality", api_key="k")
         v = j.judge("q", "1/2", "0.5")
     assert (v.label, v.raw, v.judge_id) == ("yes", "Yes", "http:m1@t0/equality-v1")
-    assert len(s.requests) == 3 and j.attempts == 3
+    assert len(s.requests) == 3
     path, headers, body = s.requests[-1]
-    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer k"
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert path == "/v1/chat/completions" and headers["authorization"] == "Bearer k"
     assert body["model"] == "m1" and body["temperature"] == 0.0 and body["messages"][0]["role"] == "user"
     assert "1/2" in body["messages"][0]["content"] and "0.5" in body["messages"][0]["content"]
 
 def test_http_judge_client_errors_are_not_retried():
     with Server([(400, "bad")]) as s:
-        j = HTTPJudge(s.url, "m1", "equality", backoff=0.001)
-        with pytest.raises(urllib.error.HTTPError): j.judge("q", "1", "1")
+        j = HTTPJudge(s.url, "m1", "equality")
+        with pytest.raises(RuntimeError, match="BadRequestError"): j.judge("q", "1", "1")
     assert len(s.requests) == 1
 
 def test_http_judge_gives_up():
     with Server([], default=(503, "")) as s:
-        j = HTTPJudge(s.url, "m1", "equality", retries=2, backoff=0.001)
-        with pytest.raises(RuntimeError, match="3 attempts"): j.judge("q", "1", "1")
-    j = HTTPJudge("http://127.0.0.1:9/v1", "m1", "equality", retries=1, backoff=0.001, timeout=1)  # nothing listens
-    with pytest.raises(RuntimeError): j.judge("q", "1", "1")
+        j = HTTPJudge(s.url, "m1", "equality", retries=2)
+        with pytest.raises(RuntimeError, match="InternalServerError"): j.judge("q", "1", "1")
+    assert len(s.requests) == 3                                   # the first try and two retries
+    j = HTTPJudge("http://127.0.0.1:9/v1", "m1", "equality", retries=0, timeout=1)  # nothing listens
+    with pytest.raises(RuntimeError, match="APIConnectionError"): j.judge("q", "1", "1")
 
 def test_cache_hits_and_identity(tmp_path):
     db = tmp_path / "c.sqlite"
