@@ -11,7 +11,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .model import Phi4ForCausalLM
 from .generate import Engine, SamplingParams, stop_ids
-from .llm import cut_stop, completion_text
+from .llm import cut_stop, completion_text, load_hf_causal
 
 # %% auto #0
 __all__ = ['split_pair', 'BaseLM', 'LocalLM', 'HFCausalLM']
@@ -161,12 +161,9 @@ class HFCausalLM(BaseLM):
 
     @classmethod
     def from_path(cls, path, dtype=torch.float32, **kw)->HFCausalLM:
-        "Load a transformers model and its tokenizer from one folder."
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        p = Path(path)
-        if not p.exists(): raise FileNotFoundError(f"no checkpoint at {p}")
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
-        return cls(model, AutoTokenizer.from_pretrained(str(p)), model_id=kw.pop("model_id", p.name), **kw)
+        "Load a transformers model and its tokenizer from one folder (or a `.gguf` file)."
+        model, tok, name = load_hf_causal(path, dtype)
+        return cls(model, tok, **{'model_id': name, **kw})
 
     def _logits(self, ids): return self.model(input_ids=ids.to(self.model.device)).logits
 

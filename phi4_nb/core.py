@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 # %% auto #0
 __all__ = ['atomic_open', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_dir', 'iter_jsonl',
            'read_jsonl', 'jsonl_line', 'write_jsonl', 'read_jsonl_resume', 'sha256_file', 'sha256_json', 'config_hash',
-           'repo_root', 'artifact_dir', 'cache_root', 'data_root', 'run_manifest']
+           'SQLiteStore', 'repo_root', 'artifact_dir', 'cache_root', 'data_root', 'run_manifest']
 
 # %% ../nbs/00_core.ipynb #2ad8da62
 @contextmanager
@@ -124,6 +124,23 @@ def sha256_json(obj)->str:
 def config_hash(cfg)->str:
     "Short stable hash of a JSON-able configuration."
     return sha256_json(cfg)[:16]
+
+# %% ../nbs/00_core.ipynb #e1b615e6
+class SQLiteStore:
+    "A SQLite file in WAL mode with one autocommit connection per thread; `schema` runs once on opening."
+    def __init__(self, path, schema:str):
+        import sqlite3, threading
+        self.path, self._sqlite, self._local = Path(path), sqlite3, threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self.con(); con.execute("PRAGMA journal_mode=WAL"); con.execute(schema)
+
+    def con(self):
+        "This thread's connection."
+        if getattr(self._local, 'con', None) is None:
+            self._local.con = self._sqlite.connect(self.path, timeout=60, isolation_level=None)
+        return self._local.con
+
+    def count(self, table:str)->int: return self.con().execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
 # %% ../nbs/00_core.ipynb #fb11ab9c
 def repo_root()->Path:

@@ -4,10 +4,11 @@
 
 # %% ../nbs/41_judges.ipynb #40d5dc50
 from __future__ import annotations
-import hashlib, json, random, re, sqlite3, threading, time
+import hashlib, json, random, re, threading, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, Union
+from .core import SQLiteStore
 
 # %% auto #0
 __all__ = ['Prompt', 'EQUALITY', 'SIMPLEQA', 'MC_EXTRACT', 'RUBRICS', 'GenerateFn', 'prompt_text', 'FakeGenerator', 'Verdict',
@@ -135,23 +136,16 @@ def cache_key(judge_id:str, messages)->str:
 class JudgeCache:
     "On-disk, content-addressed store of judge replies (SQLite, safe under concurrent use)."
     def __init__(self, path:str|Path):
-        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        with self._con() as c:
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute("CREATE TABLE IF NOT EXISTS replies "
-                      "(key TEXT PRIMARY KEY, judge_id TEXT, prompt TEXT, reply TEXT, created REAL)")
-    def _con(self):
-        if getattr(self._local, "con", None) is None:
-            self._local.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        return self._local.con
+        self.store = SQLiteStore(path, "CREATE TABLE IF NOT EXISTS replies "
+                                       "(key TEXT PRIMARY KEY, judge_id TEXT, prompt TEXT, reply TEXT, created REAL)")
+        self.path, self._con = self.store.path, self.store.con
     def get(self, key:str)->str|None:
         row = self._con().execute("SELECT reply FROM replies WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
     def put(self, key:str, judge_id:str, messages, reply:str):
         self._con().execute("INSERT OR IGNORE INTO replies VALUES (?,?,?,?,?)",
                             (key, judge_id, json.dumps(messages, ensure_ascii=False), reply, time.time()))
-    def __len__(self): return self._con().execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+    def __len__(self): return self.store.count('replies')
 
 # %% ../nbs/41_judges.ipynb #793130b2
 class Judge:
