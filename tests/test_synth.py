@@ -1,0 +1,70 @@
+"""Synthesis workflows: the TinyWorld teacher and the plurality filter, scored against the world's ground truth and
+run over HTTP (phi4_serve serving the teacher, and a served model) through the official client.
+
+Run: pytest tests/test_synth.py
+"""
+import pytest, torch
+from phi4_nb.world import World
+from phi4_nb.llm import OpenAIBackend, EngineBackend, Request
+from phi4_nb.serve import served
+from phi4_nb.synth import WorldTeacher, plurality, plurality_questions, extract_number
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def world(): return World(0, "tiny")
+
+
+@pytest.mark.parametrize("answers,status,answer", [
+    (["3"] * 6, "too-easy", "3"), (["3"] * 4 + ["4"] * 2, "kept", "3"), (["3"] * 3 + ["4"] * 3, "ambiguous", None),
+    (["3", "4", "5", "6"], "ambiguous", None), ([None] * 4, "ambiguous", None), (["3"] * 3 + [None] * 3, "ambiguous", None),
+    (["3"] * 4 + [None] * 2, "kept", "3")])
+def test_plurality_rule(answers, status, answer):
+    v = plurality(answers)
+    assert (v["status"], v["answer"]) == (status, answer)
+
+
+def test_exact_teacher_knows_every_training_question(world):
+    t = WorldTeacher(world)
+    qs = world.train["arith"]
+    got = t.generate([p.question for p in qs], temperature=0)
+    assert [extract_number(g[0]) for g in got] == [str(p.answer) for p in qs]
+    code = t.generate([c.prompt for c in world.train["code"][:5]], temperature=0)
+    assert [g[0] for g in code] == [c.canonical_solution for c in world.train["code"][:5]]
+    assert "only the world's training questions" in t.complete([Request(world.test_arith[0].question)])[0].error
+
+
+def test_plurality_keeps_right_answers_and_drops_unanimous_ones(world):
+    qs = [dict(id=p.id, question=p.question) for p in world.train["arith"]]
+    truth = {p.id: str(p.answer) for p in world.train["arith"]}
+    clean = plurality_questions(WorldTeacher(world), qs, n=6)
+    assert {r["status"] for r in clean} == {"too-easy"}                  # an exact teacher always agrees with itself
+    rows = plurality_questions(WorldTeacher(world, slip_rate=0.3), qs, n=8)
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert len(kept) >= 0.3 * len(rows)
+    assert sum(r["answer"] == truth[r["id"]] for r in kept) >= 0.95 * len(kept)
+    assert all(r["workflow"] == "plurality" and r["prompt_version"] and r["seed"] is not None for r in rows)
+
+
+def test_the_workflow_over_http_equals_the_direct_run(world):
+    qs = [dict(id=p.id, question=p.question) for p in world.train["arith"][:20]]
+    teacher = WorldTeacher(world, slip_rate=0.3)
+    direct = plurality_questions(teacher, qs, n=8)
+    with served(teacher) as url:
+        remote = plurality_questions(OpenAIBackend(teacher.model_id, url, concurrency=8), qs, n=8)
+    assert remote == direct
+
+
+def test_a_served_model_runs_the_workflow(world):
+    from phi4_nb.config import get_config
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.tokenizer import train_bpe, stdlib_texts
+    tok = train_bpe(stdlib_texts(), vocab_size=1024)
+    torch.manual_seed(0)
+    eb = EngineBackend(Phi4ForCausalLM(get_config("tiny", vocab_size=len(tok))), tok, model_id="tiny")
+    qs = [dict(id=p.id, question=p.question) for p in world.train["arith"][:6]]
+    with served(eb) as url:
+        rows = plurality_questions(OpenAIBackend("tiny", url), qs, n=4, max_tokens=16)
+    assert [r["id"] for r in rows] == [q["id"] for q in qs] and all(r["teacher"] == "tiny" for r in rows)
+    assert all(r["status"] in ("kept", "too-easy", "ambiguous") for r in rows)
