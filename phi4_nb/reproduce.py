@@ -16,9 +16,9 @@ from .core import (artifact_dir, atomic_write_json, atomic_write_text, run_manif
 # %% auto #0
 __all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'STAGES', 'Run', 'done_hash', 'stage_hash', 'run_stage', 'stage_world',
            'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model', 'load_lm',
-           'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_serve', 'stage_smollm2', 'reports_dir',
-           'save_figure', 'save_table', 'published', 'write_summary', 'report_params', 'run_report', 'write_index',
-           'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
+           'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_serve', 'stage_synth', 'stage_smollm2',
+           'reports_dir', 'save_figure', 'save_table', 'published', 'write_summary', 'report_params', 'run_report',
+           'write_index', 'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
 
 # %% ../nbs/50_reproduce.ipynb #76b3a8c5
 _SMOKE = dict(
@@ -42,6 +42,8 @@ _SMOKE = dict(
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 1, 64, 64, 1.0), ('init', 'bfloat16', True, 4, 256, 64, 1.0),
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 4, 256, 64, 1.0),
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 1, 64, 256, 1.0)]]),
+    synth=dict(questions=400, n=8, slip_rate=0.3, temperature=0.8,      # the TinyWorld teacher
+               smollm2_questions=8, smollm2_n=4, smollm2_max_tokens=160),    # SmolLM2 on the first questions
     serve=dict(model='SmolLM2-135M-Instruct', requests=32, max_tokens=32, concurrency=(1, 16), repeats=2,
                temperature=0.5),
     smollm2=dict(limits=dict(gsm8k=100, math=50, humaneval=164, throughput=16, gsm8k_8shot=50),
@@ -55,7 +57,9 @@ STAGE_SETTINGS = {
              'evals': dict(models=('init',), limit=4, n=1, max_tokens=8, amc_tests=1, amc_n=1, amc_max_tokens=8,
                            dtype='float32', compile=False),
              'longctx': dict(models=('init',), n=2, multiples=(1,), base_ctx=128, dtype='float32'),
-             'serve': dict(model='init', requests=8, max_tokens=4, concurrency=(1, 4), repeats=1, temperature=0.5)},
+             'serve': dict(model='init', requests=8, max_tokens=4, concurrency=(1, 4), repeats=1, temperature=0.5),
+             'synth': dict(questions=40, n=8, slip_rate=0.3, temperature=0.8, smollm2_questions=0, smollm2_n=4,
+                           smollm2_max_tokens=192)},
     'smoke': _SMOKE,
     'gpu': {**_SMOKE, 'world': dict(world_preset='gpu'), 'curate': dict(max_labels=20000),
             'evals': {**_SMOKE['evals'], 'limit': 200, 'n': 4, 'per_model': {}}},
@@ -65,9 +69,9 @@ STAGE_SETTINGS = {
 
 DEPENDS = {'world': (), 'tokenizer': ('world',), 'curate': ('world',), 'decontam': ('world', 'curate'),
            'mixture': ('tokenizer', 'curate', 'decontam'), 'model': ('tokenizer',), 'evals': ('world', 'model'),
-           'longctx': ('model',), 'generate': ('model',), 'serve': ('model',),
+           'longctx': ('model',), 'generate': ('model',), 'serve': ('model',), 'synth': ('world',),
            'smollm2': ()}
-MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'mixture', 'model', 'evals', 'longctx')
+MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'mixture', 'synth', 'model', 'evals', 'longctx')
 
 # %% ../nbs/50_reproduce.ipynb #9c8d7e6f
 @dataclass
@@ -312,7 +316,7 @@ def stage_generate(run, out, cfg):
     part.unlink()                                                # complete: a later run measures afresh
     return dict(results=rows)
 
-# %% ../nbs/50_reproduce.ipynb #38fcc75d
+# %% ../nbs/50_reproduce.ipynb #d7750e70
 def stage_serve(run, out, cfg):
     import csv, io
     from phi4_nb.llm import EngineBackend, Request
@@ -329,6 +333,33 @@ def stage_serve(run, out, cfg):
     atomic_write_text(out/'serve.csv', buf.getvalue())
     if not init: atomic_write_text(repo_root()/'reports'/'data'/'bench'/'serve.csv', buf.getvalue())
     return dict(results=rows)
+
+# %% ../nbs/50_reproduce.ipynb #c0b0d8a8
+def stage_synth(run, out, cfg):
+    from collections import Counter
+    from phi4_nb.world import World
+    from phi4_nb.llm import EngineBackend
+    from phi4_nb.model import smollm2_checkpoint
+    from phi4_nb.synth import WorldTeacher, plurality_questions, write_dataset
+    w, calls = World(run.seed, run.settings('world')['world_preset']), out/'calls.sqlite'   # calls survive a kill
+    qs = [dict(id=p.id, question=p.question) for p in w.train['arith'][:cfg['questions']]]
+    truth = {p.id: str(p.answer) for p in w.train['arith']}
+    rows = plurality_questions(WorldTeacher(w, cfg['slip_rate'], cache=calls), qs, n=cfg['n'],
+                               temperature=cfg['temperature'], seed=run.seed, progress=True)
+    if cfg['smollm2_questions']:
+        sm = EngineBackend.from_path(smollm2_checkpoint(), model_id='SmolLM2-135M-Instruct', cache=calls)
+        rows += plurality_questions(sm, qs[:cfg['smollm2_questions']], n=cfg['smollm2_n'], seed=run.seed,
+                                    temperature=cfg['temperature'], max_tokens=cfg['smollm2_max_tokens'], progress=True)
+    for r in rows: r['verified'] = None if r['answer'] is None else r['answer'] == truth[r['id']]   # the world decides
+    write_dataset(out/'dataset', {'plurality': rows}, f"TinyWorld synthetic questions ({run.preset})",
+                  "Word problems of TinyWorld asked of several teachers, kept by plurality (Phi-4 report, "
+                  "section 4.2); `verified` checks each kept answer against the world's ground truth.")
+    res = {}
+    for t in dict.fromkeys(r['teacher'] for r in rows):
+        mine = [r for r in rows if r['teacher'] == t]; kept = [r for r in mine if r['status'] == 'kept']
+        res[t] = dict(questions=len(mine), **Counter(r['status'] for r in mine),
+                      kept_verified=sum(bool(r['verified']) for r in kept) / len(kept) if kept else None)
+    return dict(teachers=res)
 
 # %% ../nbs/50_reproduce.ipynb #4e5f6071
 def _gsm8k_throughput(lm, items, n:int=4, max_tokens:int=256, batch:int=8, seed:int=0)->dict:
@@ -506,7 +537,7 @@ def write_index(out_dir, preset:str, summaries:list)->Path:
 # %% ../nbs/50_reproduce.ipynb #ccf29827
 STAGES = dict(world=stage_world, tokenizer=stage_tokenizer, curate=stage_curate, decontam=stage_decontam,
               mixture=stage_mixture, model=stage_model, evals=stage_evals, longctx=stage_longctx,
-              generate=stage_generate, serve=stage_serve, smollm2=stage_smollm2)
+              synth=stage_synth, generate=stage_generate, serve=stage_serve, smollm2=stage_smollm2)
 
 def reproduce(preset:str='smoke',
               stages:list|None=None,   # default: the main stages (`MAIN`), in dependency order
