@@ -68,3 +68,41 @@ def test_a_served_model_runs_the_workflow(world):
         rows = plurality_questions(OpenAIBackend("tiny", url), qs, n=4, max_tokens=16)
     assert [r["id"] for r in rows] == [q["id"] for q in qs] and all(r["teacher"] == "tiny" for r in rows)
     assert all(r["status"] in ("kept", "too-easy", "ambiguous") for r in rows)
+
+
+JOB = '''
+import sys, time
+from pathlib import Path
+from phi4_nb import reproduce as R, synth
+root, log = Path(sys.argv[1]), Path(sys.argv[2])
+synth.WorldTeacher.chunk = 1                                   # one call at a time, each logged before it is answered
+answer = synth.WorldTeacher._complete
+def slow(self, reqs):
+    with open(log, 'a') as f: f.write(''.join(f"{r.seed}\\n" for r in reqs))
+    time.sleep(0.05)
+    return answer(self, reqs)
+synth.WorldTeacher._complete = slow
+R.reproduce('tiny', stages=['world', 'synth'], reports=[], root=root)
+'''
+
+
+def test_a_killed_synthesis_job_restarts_to_the_same_dataset_without_repeating_calls(tmp_path):
+    import json, signal, subprocess, sys, time
+    script = tmp_path/"job.py"; script.write_text(JOB)
+    run = lambda root, log: subprocess.run([sys.executable, str(script), str(root), str(log)], check=True,
+                                           capture_output=True, text=True)
+    run(tmp_path/"whole", tmp_path/"whole.log")                   # the uninterrupted run
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path/"killed"), str(tmp_path/"killed.log")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path/"killed.log"
+    while not log.exists() or len(log.read_text().split()) < 12:
+        assert p.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL); p.wait()
+    before = log.read_text().split()
+    run(tmp_path/"killed", log)                                  # the restart
+    data = lambda root: (root/"tiny"/"synth"/"dataset"/"plurality.jsonl").read_text()
+    assert data(tmp_path/"killed") == data(tmp_path/"whole")
+    whole, calls = (tmp_path/"whole.log").read_text().split(), log.read_text().split()
+    assert sorted(set(calls)) == sorted(whole) and len(whole) == 40
+    assert 12 <= len(before) < 40 and len(calls) - len(whole) <= 1   # at most the call in flight at the kill again
