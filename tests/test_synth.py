@@ -106,3 +106,24 @@ def test_a_killed_synthesis_job_restarts_to_the_same_dataset_without_repeating_c
     whole, calls = (tmp_path/"whole.log").read_text().split(), log.read_text().split()
     assert sorted(set(calls)) == sorted(whole) and len(whole) == 40
     assert 12 <= len(before) < 40 and len(calls) - len(whole) <= 1   # at most the call in flight at the kill again
+
+
+def test_datatrove_with_two_tasks_gives_the_one_process_dataset(world, tmp_path):
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from phi4_nb.core import write_jsonl, read_jsonl
+    from phi4_nb.synth import PluralityStep
+    for k in range(4):
+        write_jsonl(tmp_path/"seeds"/f"{k}.jsonl", [dict(id=p.id, text=p.question) for p in world.train["arith"][k::4][:8]])
+    def go(tasks):
+        LocalPipelineExecutor([JsonlReader(str(tmp_path/"seeds")), PluralityStep(WorldTeacher(world, 0.3), n=8),
+                               JsonlWriter(str(tmp_path/f"out{tasks}"), output_filename="${rank}.jsonl", compression=None)],
+                              tasks=tasks, workers=tasks, logging_dir=str(tmp_path/f"logs{tasks}")).run()
+        rows = [r for f in sorted((tmp_path/f"out{tasks}").glob("*.jsonl")) for r in read_jsonl(f)]
+        return sorted((r["id"], r["metadata"]["status"], r["metadata"]["answer"], r["metadata"]["seed"]) for r in rows)
+    one, two = go(1), go(2)
+    assert one == two and len(one) == 32 and len(list((tmp_path/"out2").glob("*.jsonl"))) == 2
+    qs = [dict(id=p.id, question=p.question) for p in world.train["arith"]]
+    direct = {r["id"]: (r["status"], r["answer"]) for r in plurality_questions(WorldTeacher(world, 0.3), qs, n=8)}
+    assert all(direct[i] == (s, a) for i, s, a, _ in one)         # sharding changes nothing: seeds follow the item
