@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_llm.ipynb #d460993e
 from __future__ import annotations
-import asyncio, json, time
+import asyncio, json, random, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Sequence
@@ -123,10 +123,10 @@ class Backend:
 # %% ../nbs/15_llm.ipynb #9d40f4c7
 @patch
 def generate(self:Backend, prompts:list, n:int=1, temperature:float=0.7, max_tokens:int=256,
-             seed=0,                     # one int for every prompt, or one seed per prompt
+             seed=0,                     # one int for every prompt, one seed per prompt, or None (a fresh one)
              stop:list|None=None, top_p:float=1.0, progress:bool=False)->list[list[str]]:
     "`n` answer texts per prompt (the evaluation code's generate-function protocol); raises if a call failed."
-    if seed is None: seed = 0
+    if seed is None: seed = random.randrange(2**31)                        # the protocol: None is a new sample
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)] * len(prompts)
     if len(seeds) != len(prompts): raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     reps = self.complete([Request(p, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,

@@ -9,7 +9,7 @@ from phi4_nb.config import get_config
 from phi4_nb.model import Phi4ForCausalLM
 from phi4_nb.tokenizer import train_bpe, stdlib_texts
 from phi4_nb.llm import EngineBackend, OpenAIBackend, Request
-from phi4_nb.serve import served
+from phi4_nb.serve import make_app, serve_app
 
 torch.set_num_threads(2)
 CHAT = [dict(role="user", content="Say something.")]
@@ -26,8 +26,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    with served(tiny[0], wait_ms=30) as url: yield url
+def app(tiny): return make_app(tiny[0], wait_ms=30)
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    with serve_app(app) as url: yield url
 
 
 def test_official_client_gets_the_engines_answers(tiny, server):
@@ -74,13 +78,16 @@ def test_bad_completions_requests(server):
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
 
 
-def test_concurrent_requests_are_batched(tiny, server):
+def test_concurrent_requests_are_batched(tiny, app, server):
     async def go():
         c = openai.AsyncOpenAI(base_url=server, api_key="none")
         rs = await asyncio.gather(*(c.completions.create(model="tiny", prompt=f"x{i} =", max_tokens=4, seed=i)
                                     for i in range(16)))
         await c.close(); return rs
+    seen = len(app.state.batcher.batches)
     rs = asyncio.run(go())
+    sizes = app.state.batcher.batches[seen:]
+    assert sum(sizes) == 16 and max(sizes) > 1, sizes              # the server ran them in shared batches
     want = tiny[0].complete([Request(f"x{i} =", max_tokens=4, seed=i, temperature=1.0) for i in range(16)])
     assert [r.choices[0].text for r in rs] == [w.texts[0] for w in want]
     via = OpenAIBackend("tiny", server, concurrency=16).complete([Request(f"x{i} =", max_tokens=4, seed=i,
