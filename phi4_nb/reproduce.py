@@ -14,11 +14,11 @@ from .core import (artifact_dir, atomic_write_json, atomic_write_text, run_manif
                           read_jsonl, write_jsonl, sha256_file)
 
 # %% auto #0
-__all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'STAGES', 'Run', 'done_hash', 'stage_hash', 'run_stage', 'stage_world',
-           'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model', 'load_lm',
-           'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_serve', 'stage_synth', 'stage_smollm2',
-           'reports_dir', 'save_figure', 'save_table', 'published', 'write_summary', 'report_params', 'run_report',
-           'write_index', 'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
+__all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'TRUE_TYPE', 'STAGES', 'Run', 'done_hash', 'stage_hash', 'run_stage',
+           'stage_world', 'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model',
+           'load_lm', 'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_serve', 'stage_synth',
+           'stage_smollm2', 'reports_dir', 'save_figure', 'save_table', 'published', 'write_summary', 'report_params',
+           'run_report', 'write_index', 'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
 
 # %% ../nbs/50_reproduce.ipynb #76b3a8c5
 _SMOKE = dict(
@@ -42,8 +42,9 @@ _SMOKE = dict(
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 1, 64, 64, 1.0), ('init', 'bfloat16', True, 4, 256, 64, 1.0),
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 4, 256, 64, 1.0),
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 1, 64, 256, 1.0)]]),
-    synth=dict(questions=400, n=8, slip_rate=0.3, temperature=0.8,      # the TinyWorld teacher
-               smollm2_questions=8, smollm2_n=4, smollm2_max_tokens=160),    # SmolLM2 on the first questions
+    synth=dict(seeds=3000, questions=400, n=8, slip_rate=0.3, temperature=0.8, rounds=2, turns=2,   # TinyWorld teacher
+               per_workflow=dict(qa=400, rewrite=200, revise=200, agents=100, reversal=150, web_rewrite=300, fim=200),
+               smollm2=dict(items=2, n=4, max_tokens=96, rounds=1, turns=1)),    # SmolLM2 on the first seeds of each
     serve=dict(model='SmolLM2-135M-Instruct', requests=32, max_tokens=32, concurrency=(1, 16), repeats=2,
                temperature=0.5),
     smollm2=dict(limits=dict(gsm8k=100, math=50, humaneval=164, throughput=16, gsm8k_8shot=50),
@@ -58,8 +59,9 @@ STAGE_SETTINGS = {
                            dtype='float32', compile=False),
              'longctx': dict(models=('init',), n=2, multiples=(1,), base_ctx=128, dtype='float32'),
              'serve': dict(model='init', requests=8, max_tokens=4, concurrency=(1, 4), repeats=1, temperature=0.5),
-             'synth': dict(questions=40, n=8, slip_rate=0.3, temperature=0.8, smollm2_questions=0, smollm2_n=4,
-                           smollm2_max_tokens=192)},
+             'synth': dict(seeds=300, questions=40, n=8, slip_rate=0.3, temperature=0.8, rounds=2, turns=2,
+                           per_workflow=dict(qa=20, rewrite=10, revise=20, agents=10, reversal=10, web_rewrite=10,
+                                             fim=10), smollm2=None)},
     'smoke': _SMOKE,
     'gpu': {**_SMOKE, 'world': dict(world_preset='gpu'), 'curate': dict(max_labels=20000),
             'evals': {**_SMOKE['evals'], 'limit': 200, 'n': 4, 'per_model': {}}},
@@ -68,10 +70,11 @@ STAGE_SETTINGS = {
 }
 
 DEPENDS = {'world': (), 'tokenizer': ('world',), 'curate': ('world',), 'decontam': ('world', 'curate'),
-           'mixture': ('tokenizer', 'curate', 'decontam'), 'model': ('tokenizer',), 'evals': ('world', 'model'),
-           'longctx': ('model',), 'generate': ('model',), 'serve': ('model',), 'synth': ('world',),
+           'mixture': ('tokenizer', 'curate', 'decontam', 'synth'), 'model': ('tokenizer',),
+           'evals': ('world', 'model'), 'longctx': ('model',), 'generate': ('model',), 'serve': ('model',),
+           'synth': ('world', 'tokenizer', 'curate'),
            'smollm2': ()}
-MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'mixture', 'synth', 'model', 'evals', 'longctx')
+MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'synth', 'mixture', 'model', 'evals', 'longctx')
 
 # %% ../nbs/50_reproduce.ipynb #9c8d7e6f
 @dataclass
@@ -184,8 +187,11 @@ def stage_mixture(run, out, cfg):
     from phi4_nb.sources import jsonl_docs, stdlib_docs
     from phi4_nb.tokenizer import load_tokenizer
     tok, ix = load_tokenizer(run.dir('tokenizer')), DecontamIndex.load(run.dir('decontam')/'index.pkl')
+    from phi4_nb.synth import corpus_docs
     sources = {'web': lambda: jsonl_docs(run.dir('curate')/'curated.jsonl'),       # TinyWorld's curated pages
-               'code': lambda: stdlib_docs(max_files=cfg['stdlib_files'])}
+               'code': lambda: stdlib_docs(max_files=cfg['stdlib_files']),
+               'synthetic': lambda: corpus_docs(run.dir('synth')/'dataset', 'synthetic'),
+               'web_rewrites': lambda: corpus_docs(run.dir('synth')/'dataset', 'web_rewrites')}
     man = build_pretrain_corpus(out/'corpus', tok, sources, benchmarks=ix, shard_tokens=cfg['shard_tokens'],
                                 progress=False)
     pub = get_mixture('phi-4')
@@ -335,31 +341,79 @@ def stage_serve(run, out, cfg):
     return dict(results=rows)
 
 # %% ../nbs/50_reproduce.ipynb #c0b0d8a8
+TRUE_TYPE = dict(knowledge='fact', quiz='fact', forum='reasoning', solution='reasoning', code='code', json='data',
+                 noise='noise')                                   # TinyWorld's page kinds in the tags' terms
+
+def _workflows(S, T, know, pages:list, qs:list, k:dict, cfg:dict, seed:int, tagged:dict, **gen)->dict:
+    "Every workflow of `S` (the synth module) with teacher `T` on the first `k[name]` seeds of its kind."
+    kind = lambda t: [d for d in pages if tagged.get(d['id'], ('', ''))[1] == t]
+    status = lambda s: [d for d in pages if tagged.get(d['id'], ('', ''))[0] == s]
+    reasoning, facts, code = kind('reasoning'), kind('fact'), kind('code')
+    sampled = dict(temperature=cfg['temperature'], **gen)
+    return dict(
+        tag=S.tag_seeds(T, pages[:k['tag']], seed=seed, **gen),
+        plurality=S.plurality_questions(T, qs[:k['plurality']], n=k['n'], seed=seed, **sampled),
+        qa=S.extract_qa(T, reasoning[:k['qa']], know, seed=seed, **gen),
+        rewrite=S.rewrite(T, facts[:k['rewrite']], know, seed=seed, **gen),
+        revise=S.self_revise(T, qs[:k['revise']], know, rounds=cfg['rounds'], seed=seed, **sampled),
+        agents=S.multi_agent(T, facts[::-1][:k['agents']], know, turns=cfg['turns'], seed=seed, **gen),
+        reversal=S.reverse_code(T, code[:k['reversal']], seed=seed, **gen),
+        web_rewrite=S.web_rewrite(T, (status('no-chain') + facts[::-1])[:k['web_rewrite']], know, seed=seed, **gen),
+        fim=S.fill_in_middle(T, code[::-1][:k['fim'] // 2] + reasoning[::-1][:k['fim'] - k['fim'] // 2], seed=seed,
+                             **gen))
+
 def stage_synth(run, out, cfg):
+    import itertools
     from collections import Counter
+    from phi4_nb import synth as S
     from phi4_nb.world import World
+    from phi4_nb.sources import jsonl_docs
     from phi4_nb.llm import EngineBackend
     from phi4_nb.model import smollm2_checkpoint
-    from phi4_nb.synth import WorldTeacher, plurality_questions, write_dataset
-    w, calls = World(run.seed, run.settings('world')['world_preset']), out/'calls.sqlite'   # calls survive a kill
+    from phi4_nb.tokenizer import load_tokenizer
+    from phi4_nb.mixture import encode_batch
+    w, seed = World(run.seed, run.settings('world')['world_preset']), run.seed
+    calls = out/'calls.sqlite'                                            # every call, cached: they survive a kill
+    know = S.WorldKnowledge(w)                                            # the validator's own view of the world
+    pages = list(itertools.islice(jsonl_docs(run.dir('curate')/'curated.jsonl'), cfg['seeds']))   # curated seeds
     qs = [dict(id=p.id, question=p.question) for p in w.train['arith'][:cfg['questions']]]
-    truth = {p.id: str(p.answer) for p in w.train['arith']}
-    rows = plurality_questions(WorldTeacher(w, cfg['slip_rate'], cache=calls), qs, n=cfg['n'],
-                               temperature=cfg['temperature'], seed=run.seed, progress=True)
-    if cfg['smollm2_questions']:
+    T = S.WorldTeacher(w, cfg['slip_rate'], cache=calls)
+    tags = S.tag_seeds(T, pages, seed=seed, progress=True)                # workflow 1 picks every workflow's seeds
+    tagged = {r['seed_id']: (r['status'], r['tags']['information_type']) for r in tags if r['tags']}
+    k = dict(cfg['per_workflow'], tag=len(pages), plurality=len(qs), n=cfg['n'])
+    tables = _workflows(S, T, know, pages, qs, k, cfg, seed, tagged)
+    if sc := cfg['smollm2']:                                              # a real LLM on the same seeds
         sm = EngineBackend.from_path(smollm2_checkpoint(), model_id='SmolLM2-135M-Instruct', cache=calls)
-        rows += plurality_questions(sm, qs[:cfg['smollm2_questions']], n=cfg['smollm2_n'], seed=run.seed,
-                                    temperature=cfg['temperature'], max_tokens=cfg['smollm2_max_tokens'], progress=True)
-    for r in rows: r['verified'] = None if r['answer'] is None else r['answer'] == truth[r['id']]   # the world decides
-    write_dataset(out/'dataset', {'plurality': rows}, f"TinyWorld synthetic questions ({run.preset})",
-                  "Word problems of TinyWorld asked of several teachers, kept by plurality (Phi-4 report, "
-                  "section 4.2); `verified` checks each kept answer against the world's ground truth.")
-    res = {}
-    for t in dict.fromkeys(r['teacher'] for r in rows):
-        mine = [r for r in rows if r['teacher'] == t]; kept = [r for r in mine if r['status'] == 'kept']
-        res[t] = dict(questions=len(mine), **Counter(r['status'] for r in mine),
-                      kept_verified=sum(bool(r['verified']) for r in kept) / len(kept) if kept else None)
-    return dict(teachers=res)
+        ks = {**{x: sc['items'] for x in k}, 'n': sc['n']}
+        for name, rows in _workflows(S, sm, know, pages, qs, ks, dict(cfg, rounds=sc['rounds'], turns=sc['turns']),
+                                     seed, tagged, max_tokens=sc['max_tokens']).items(): tables[name] += rows
+    truth = {p.id: str(p.answer) for p in w.train['arith']}
+    for r in tables['plurality']: r['verified'] = None if r['answer'] is None else r['answer'] == truth[r['seed_id']]
+    kinds = {d['id']: d.get('kind') for d in pages}
+    for r in tables['tag']: r['true_type'] = TRUE_TYPE.get(kinds[r['seed_id']])
+    S.write_dataset(out/'dataset', tables, f"TinyWorld synthetic data ({run.preset})",
+                    "The synthesis workflows of the Phi-4 report (section 4) run on TinyWorld seeds by the TinyWorld "
+                    "teacher and SmolLM2-135M-Instruct. `status` is `kept` or why a record was dropped; the `text` "
+                    "of a kept record is its training document. Answers, facts and code were validated against the "
+                    "world, by Math-Verify and in a sandbox.")
+    tok = load_tokenizer(run.dir('tokenizer'))
+    res = []
+    for name, rows in tables.items():
+        for t in dict.fromkeys(r['teacher'] for r in rows):
+            mine = [r for r in rows if r['teacher'] == t]; kept = [r['text'] for r in mine if r['text']]
+            res.append(dict(workflow=name, teacher=t, records=len(mine), kept=sum(r['status'] == 'kept' for r in mine),
+                            acceptance=round(sum(r['status'] == 'kept' for r in mine) / len(mine), 4),
+                            documents=len(kept), tokens=sum(map(len, encode_batch(tok, kept))) if kept else 0,
+                            status=dict(Counter(r['status'] for r in mine))))
+    agree = lambda t: [r['tags']['information_type'] == r['true_type'] if r['tags'] else False
+                       for r in tables['tag'] if r['teacher'] == t]
+    rev = lambda t, f: [bool(r[f]) for r in tables['revise'] if r['teacher'] == t]
+    checks = {t: dict(tag_agreement=round(sum(agree(t)) / len(agree(t)), 4),
+                      revise_draft_right=round(sum(rev(t, 'draft_right')) / max(1, len(rev(t, 'draft_right'))), 4),
+                      revise_final_right=round(sum(rev(t, 'final_right')) / max(1, len(rev(t, 'final_right'))), 4))
+              for t in dict.fromkeys(r['teacher'] for r in tables['tag'])}
+    return dict(workflows=res, checks=checks, seeds=len(pages), cpus=os.cpu_count(),
+                corpus={p: sum(1 for _ in S.corpus_docs(out/'dataset', p)) for p in ('synthetic', 'web_rewrites')})
 
 # %% ../nbs/50_reproduce.ipynb #4e5f6071
 def _gsm8k_throughput(lm, items, n:int=4, max_tokens:int=256, batch:int=8, seed:int=0)->dict:

@@ -4,44 +4,114 @@
 
 # %% ../nbs/17_synth.ipynb #ed3697fd
 from __future__ import annotations
-import random, re
+import json, random, re
 from pathlib import Path
 from collections import Counter
+from typing import Iterator
 from fastcore.basics import patch
-from .text import canonical
+from .text import canonical, words
 from .world import World, RELATIONS
 from .llm import Backend, Request, Reply
+from .judges import math_equal
 
 # %% auto #0
-__all__ = ['PLURALITY_PROMPT', 'WorldTeacher', 'extract_number', 'plurality', 'item_seed', 'plurality_questions', 'PluralityStep',
-           'write_dataset']
+__all__ = ['PROMPTS', 'SKILLS', 'PLURALITY_PROMPT', 'TAG_PROMPT', 'INFO_TYPES', 'QA_PROMPT', 'REWRITE_PROMPTS', 'CRITIQUE_PROMPT',
+           'REVISE_PROMPT', 'STUDENT_PROMPT', 'EXPERT_PROMPT', 'INSTRUCT_PROMPT', 'CODE_PROMPT', 'WEB_PROMPT',
+           'FIM_PROMPT', 'FIM_TEXT', 'WEB_WORKFLOWS', 'WorldKnowledge', 'prompt', 'skill', 'prompt_of', 'WorldTeacher',
+           'ask', 'record', 'parse_json', 'extract_number', 'plurality', 'item_seed', 'plurality_questions',
+           'parse_tags', 'keep_seed', 'tag_seeds', 'parse_qa', 'verify', 'extract_qa', 'copied', 'check_rewrite',
+           'rewrite', 'self_revise', 'multi_agent', 'split_code', 'strip_docstrings', 'code_block', 'code_similarity',
+           'reverse_code', 'web_rewrite', 'fim_split', 'fill_in_middle', 'write_dataset', 'corpus_docs', 'WorkflowStep']
 
 # %% ../nbs/17_synth.ipynb #b688e924
-class WorldTeacher(Backend):
-    "A teacher that answers TinyWorld's training questions from the world's ground truth (with optional slips)."
-    def __init__(self, world:World, slip_rate:float=0.0, cache=None):
-        super().__init__(cache)
-        if not 0 <= slip_rate <= 1: raise ValueError(f"slip_rate must be in [0, 1], got {slip_rate}")
-        self.world, self.slip_rate = world, slip_rate
-        c = world.cfg
-        self.model_id = f"tinyworld-teacher/{c.preset}-{c.seed}@slip{slip_rate:g}"
+def _key(text:str)->str: return ' '.join(canonical(text).split())
+def _pad(text:str)->str: return f" {' '.join(words(text))} "
+_NUM = re.compile(r"-?\d+")
+
+class WorldKnowledge:
+    "What TinyWorld knows, findable from text: its word problems, stated facts and code tasks."
+    def __init__(self, world:World):
+        self.world = world
         self.index = {}                                  # canonical question -> ('arith' | 'fact' | 'code', item)
         for p in world.train['arith']: self.index[_key(p.question)] = ('arith', p)
         for f in world.train['facts']:
             for q in RELATIONS[f.relation][1]: self.index[_key(q.format(s=f.subject, v=f.value))] = ('fact', f)
         for t in world.train['code']: self.index[_key(t.prompt)] = ('code', t)
+        self.by_subject, self.by_nums, self.by_body = {}, {}, {}
+        for f in world.train['facts']: self.by_subject.setdefault(_pad(f.subject), []).append(f)
+        for p in world.train['arith']: self.by_nums.setdefault(tuple(_NUM.findall(p.question)), []).append(p)
+        for t in world.train['code']: self.by_body.setdefault(_key(t.canonical_solution), t)
 
-def _key(text:str)->str: return ' '.join(canonical(text).split())
+    def find(self, text:str):
+        "The (kind, item) whose question `text` contains, or None."
+        k = _key(text)
+        if k in self.index: return self.index[k]
+        hits = [q for q in self.index if q in k]                   # the question inside a longer prompt
+        return self.index[max(hits, key=len)] if hits else None
+
+    def facts_in(self, text:str)->list:
+        "The stated facts whose subject and value both occur in `text`, in order of first mention."
+        t, out = _pad(text), []
+        for s, fs in self.by_subject.items():
+            if s in t: out += [(t.find(s), f.id, f) for f in fs if _pad(f.value) in t]
+        return [f for *_, f in sorted(out, key=lambda x: x[:2])]
+
+    def problem_in(self, text:str):
+        "The word problem `text` states, even with typos: its numbers in order, then the best word overlap."
+        hit = self.find(text)
+        if hit and hit[0] == 'arith': return hit[1]
+        nums, cands = _NUM.findall(text), []
+        for i in range(len(nums)):
+            for j in range(i + 1, min(len(nums), i + 8) + 1): cands += self.by_nums.get(tuple(nums[i:j]), [])
+        tw = set(words(text))
+        score = lambda p: len(tw & set(words(p.question))) / len(set(words(p.question)))
+        best = max(cands, key=score, default=None)
+        return best if best is not None and score(best) >= 0.7 else None
+
+    def code_in(self, text:str):
+        "The code task whose prompt or canonical body `text` contains."
+        hit = self.find(text)
+        if hit and hit[0] == 'code': return hit[1]
+        k = _key(text)
+        return next((t for b, t in self.by_body.items() if b in k), None)
+
+    def answer_of(self, question:str):
+        "The world's answer to a training question (a number for a word problem, a value for a fact), or None."
+        hit = self.find(question)
+        if hit is None: return None
+        kind, it = hit
+        return str(it.answer) if kind == 'arith' else it.value if kind == 'fact' else None
+
+# %% ../nbs/17_synth.ipynb #7a1e0c01
+PROMPTS = {}                                       # name -> (template, version): every workflow's prompt
+SKILLS = {}                                        # prompt name -> how the TinyWorld teacher answers it
+
+def prompt(name:str, template:str, version:str)->tuple[str, str]:
+    "Register a workflow prompt (its fixed opening identifies it); returns (template, version)."
+    if not template.split('{')[0].strip(): raise ValueError(f"prompt {name!r} must open with fixed text")
+    PROMPTS[name] = (template, version); return PROMPTS[name]
+
+def skill(name:str):
+    "Register how the TinyWorld teacher answers the prompt `name`: fn(know, request, text, rng) -> str | None."
+    def deco(fn): SKILLS[name] = fn; return fn
+    return deco
+
+def prompt_of(text:str)->str|None:
+    "The registered prompt `text` was made from, or None."
+    return next((k for k, (t, _) in PROMPTS.items() if text.startswith(t.split('{')[0].strip())), None)
+
+class WorldTeacher(Backend):
+    "A teacher that answers TinyWorld's prompts from the world's ground truth (with optional slips)."
+    def __init__(self, world:World, slip_rate:float=0.0, cache=None):
+        super().__init__(cache)
+        if not 0 <= slip_rate <= 1: raise ValueError(f"slip_rate must be in [0, 1], got {slip_rate}")
+        self.world, self.slip_rate, self.know = world, slip_rate, WorldKnowledge(world)
+        c = world.cfg
+        self.model_id = f"tinyworld-teacher/{c.preset}-{c.seed}@slip{slip_rate:g}"
+
+    def find(self, text:str): return self.know.find(text)
 
 # %% ../nbs/17_synth.ipynb #5fe553dd
-@patch
-def find(self:WorldTeacher, text:str):
-    "The (kind, item) whose question `text` contains, or None."
-    k = _key(text)
-    if k in self.index: return self.index[k]
-    hits = [q for q in self.index if q in k]                       # the question inside a longer prompt
-    return self.index[max(hits, key=len)] if hits else None
-
 @patch
 def answer(self:WorldTeacher, kind:str, item, rng:random.Random|None)->str:
     "The teacher's answer to one item; `rng` set: a sampled answer that may slip."
@@ -56,14 +126,42 @@ def answer(self:WorldTeacher, kind:str, item, rng:random.Random|None)->str:
 def _complete(self:WorldTeacher, reqs:list[Request])->list[Reply]:
     out = []
     for r in reqs:
-        text = r.prompt if not r.chat else next(m['content'] for m in reversed(r.prompt) if m['role'] == 'user')
-        hit = self.find(text)
-        if hit is None:
-            out.append(Reply(error="ValueError: the TinyWorld teacher answers only the world's training questions"))
-            continue
+        msgs = [r.prompt] if not r.chat else [m['content'] for m in r.prompt if m['role'] in ('system', 'user')]
+        name = next((p for p in map(prompt_of, msgs) if p in SKILLS), None)
+        text = next(m for m in msgs if prompt_of(m) == name) if name else msgs[-1]
         rngs = [random.Random(f"{r.seed}|{j}") if r.temperature > 0 else None for j in range(r.n)]
-        out.append(Reply([self.answer(*hit, g) for g in rngs], ['stop'] * r.n))
+        if name: texts = [SKILLS[name](self, r, text, g) for g in rngs]
+        else: texts = [self.answer(*hit, g) if (hit := self.find(text)) else None for g in rngs]
+        if any(t is None for t in texts):
+            what = f"the {name!r} prompt about this text" if name else "this question"
+            out.append(Reply(error=f"ValueError: the TinyWorld teacher cannot answer {what}"))
+        else: out.append(Reply(texts, ['stop'] * r.n))
     return out
+
+# %% ../nbs/17_synth.ipynb #2c4d9e10
+def ask(teacher:Backend, prompt:tuple|list, items:list[dict],   # items: dicts with an 'id' and the template's fields
+        n:int=1, temperature:float=0.0, max_tokens:int=512, seed:int=0, progress:bool=False)->list[Reply]:
+    "One chat request per item, its user turn the filled `prompt` (or the item's own, given a list); seeds follow ids."
+    prompts = prompt if isinstance(prompt, list) else [prompt] * len(items)
+    reqs = [Request([dict(role='user', content=p[0].format(**it))], n=n, temperature=temperature, max_tokens=max_tokens,
+                    seed=item_seed(seed, f"{prompt_of(p[0])}|{it['id']}")) for p, it in zip(prompts, items)]
+    return teacher.complete(reqs, progress=progress)
+
+def record(workflow:str, item:dict, teacher:Backend, prompt:tuple|list, seed:int, status:str, text:str|None=None,
+           **fields)->dict:
+    "One output row: what it is, where it came from (seed item, teacher, prompts, seed), and whether it was kept."
+    version = '+'.join(f"{prompt_of(t)}@{v}" for t, v in ([prompt] if isinstance(prompt, tuple) else prompt))
+    return dict(id=f"{workflow}/{item['id']}", seed_id=item['id'], workflow=workflow, teacher=teacher.model_id,
+                prompt_version=version, seed=seed, status=status, text=text, **fields)
+
+def parse_json(text:str)->dict|None:
+    "The first JSON object in `text` (as models often wrap it in prose or fences), or None."
+    import json
+    for m in re.finditer(r"\{", text):
+        try: v, _ = json.JSONDecoder().raw_decode(text[m.start():])
+        except ValueError: continue
+        if isinstance(v, dict): return v
+    return None
 
 # %% ../nbs/17_synth.ipynb #1433d423
 def extract_number(text:str)->str|None:
@@ -92,43 +190,506 @@ def item_seed(seed:int, item_id:str)->int:
     import hashlib
     return int(hashlib.sha256(f"{seed}|{item_id}".encode()).hexdigest()[:8], 16)
 
-PLURALITY_PROMPT = ("Solve the problem step by step. End with a line of the form \"Answer: N\".\n\n{question}", 'v1')
+PLURALITY_PROMPT = prompt('solve', 'Solve the problem step by step. End with a line of the form "Answer: N".\n\n'
+                          '{question}', 'v1')
 
 def plurality_questions(teacher:Backend, questions:list[dict],   # dicts with 'id' and 'question'
                         n:int=8, temperature:float=0.8, max_tokens:int=512, seed:int=0,
                         min_share:float=0.5, drop_unanimous:bool=True, extract=extract_number,
                         progress:bool=False)->list[dict]:
-    "Ask `n` answers per question, apply `plurality`; one record per question (kept or not, and why)."
-    template, version = PLURALITY_PROMPT
-    reqs = [Request([dict(role='user', content=template.format(question=q['question']))], n=n, temperature=temperature,
-                    max_tokens=max_tokens, seed=item_seed(seed, q['id'])) for q in questions]
+    "Workflow 2: `n` answers per question, judged by `plurality`; kept questions carry a solution that agrees."
     rows = []
-    for q, req, rep in zip(questions, reqs, teacher.complete(reqs, progress=progress)):
-        v = plurality([extract(t) for t in rep.texts], min_share, drop_unanimous) if rep.ok else \
+    reps = ask(teacher, PLURALITY_PROMPT, questions, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
+               progress=progress)
+    for q, rep in zip(questions, reps):
+        got = [extract(t) for t in rep.texts] if rep.ok else []
+        v = plurality(got, min_share, drop_unanimous) if rep.ok else \
             dict(status='failed', answer=None, share=0.0, votes=[], error=rep.error)
-        rows.append(dict(id=q['id'], question=q['question'], **v, workflow='plurality', teacher=teacher.model_id,
-                         prompt_version=version, seed=req.seed, n=n, temperature=temperature))
+        sol = next((t for t, a in zip(rep.texts, got) if a == v['answer']), None) if v['status'] == 'kept' else None
+        rows.append(record('plurality', q, teacher, PLURALITY_PROMPT, seed, v.pop('status'),
+                           f"{q['question']}\n\n{sol}" if sol else None, question=q['question'], **v, solution=sol,
+                           n=n, temperature=temperature))
     return rows
 
-# %% ../nbs/17_synth.ipynb #0d648e6c
-from datatrove.pipeline.base import PipelineStep
+# %% ../nbs/17_synth.ipynb #9f3a1c21
+TAG_PROMPT = prompt('tag', """Tag the passage below for a training-data filter. Reply with one JSON object with the keys
+"information_type" (one of "fact", "reasoning", "code", "data", "noise"), "complexity" (1-5),
+"obscurity" (1-5, how rare the knowledge is) and "reasoning_chain" (true if the passage works step by step to a
+conclusion).
 
-class PluralityStep(PipelineStep):
-    "The plurality workflow as a datatrove step: document text = question; its verdict goes into the metadata."
-    name, type = 'plurality', 'synth'
-    def __init__(self, teacher:Backend, batch:int=32, **kw):   # kw: plurality_questions' settings
-        super().__init__(); self.teacher, self.batch, self.kw = teacher, batch, kw
+Passage:
+{text}""", 'v1')
+INFO_TYPES = ('fact', 'reasoning', 'code', 'data', 'noise')
 
-    def run(self, data, rank:int=0, world_size:int=1):
-        docs = []
-        for doc in list(data or []) + [None]:
-            if doc is not None: docs.append(doc)
-            if docs and (doc is None or len(docs) == self.batch):
-                rows = plurality_questions(self.teacher, [dict(id=d.id, question=d.text) for d in docs], **self.kw)
-                for d, r in zip(docs, rows):
-                    d.metadata.update({k: v for k, v in r.items() if k not in ('id', 'question')})
-                    self.stat_update(r['status']); yield d
-                docs = []
+def _level(x)->int|None:
+    try: x = int(x)
+    except (TypeError, ValueError): return None
+    return x if 1 <= x <= 5 else None
+
+def parse_tags(text:str)->dict|None:
+    "Validated tags from a reply, or None."
+    v = parse_json(text) or {}
+    t = dict(information_type=str(v.get('information_type', '')).lower(), complexity=_level(v.get('complexity')),
+             obscurity=_level(v.get('obscurity')), reasoning_chain=v.get('reasoning_chain'))
+    ok = t['information_type'] in INFO_TYPES and None not in (t['complexity'], t['obscurity']) and \
+         isinstance(t['reasoning_chain'], bool)
+    return t if ok else None
+
+def keep_seed(tags:dict, types=('fact', 'reasoning', 'code'), min_complexity:int=1, min_obscurity:int=1,
+              chain_for=('reasoning',))->str:
+    "'kept', or why a tagged passage is dropped."
+    if tags['information_type'] not in types: return f"type:{tags['information_type']}"
+    if tags['complexity'] < min_complexity: return 'too-simple'
+    if tags['information_type'] == 'fact' and tags['obscurity'] < min_obscurity: return 'too-common'
+    if tags['information_type'] in chain_for and not tags['reasoning_chain']: return 'no-chain'
+    return 'kept'
+
+def tag_seeds(teacher:Backend, docs:list[dict], seed:int=0, max_tokens:int=96, progress:bool=False,
+              **filt)->list[dict]:
+    "Workflow 1: tag each passage (type, complexity, obscurity, reasoning chain), then filter on the tags."
+    rows = []
+    for d, rep in zip(docs, ask(teacher, TAG_PROMPT, docs, max_tokens=max_tokens, seed=seed, progress=progress)):
+        tags = parse_tags(rep.texts[0]) if rep.ok else None
+        st = 'failed' if not rep.ok else 'unparsed' if tags is None else keep_seed(tags, **filt)
+        rows.append(record('tag', d, teacher, TAG_PROMPT, seed, st, None, tags=tags,
+                           reply=rep.texts[0] if rep.ok else rep.error))
+    return rows
+
+@skill('tag')
+def _tag_skill(t:WorldTeacher, req, text:str, rng)->str:
+    import json
+    page, k = text.split('Passage:\n', 1)[-1], t.know
+    p, code, facts = k.problem_in(page), k.code_in(page), k.facts_in(page)
+    if p is not None:
+        tags = dict(information_type='reasoning', complexity=min(5, p.n_steps + 1), obscurity=1,
+                    reasoning_chain=bool(re.search(r"\d ?[-+×÷*/] ?\d+ = -?\d", page)))
+    elif code is not None: tags = dict(information_type='code', complexity=2, obscurity=1, reasoning_chain=False)
+    elif facts:
+        rare = min(f.mentions for f in facts)
+        tags = dict(information_type='fact', complexity=min(5, len(facts)), obscurity=max(1, 6 - rare),
+                    reasoning_chain=False)
+    elif re.search(r'"\w+": "', page): tags = dict(information_type='data', complexity=1, obscurity=3,
+                                                   reasoning_chain=False)
+    else: tags = dict(information_type='noise', complexity=1, obscurity=1, reasoning_chain=False)
+    return json.dumps(tags)
+
+# %% ../nbs/17_synth.ipynb #4b7d2e31
+QA_PROMPT = prompt('qa', """Turn the reasoning in the passage below into one self-contained question and its worked
+solution. Reply in exactly this form:
+Question: <the question>
+Solution: <the steps>
+Answer: <the final number>
+
+Passage:
+{text}""", 'v1')
+
+def parse_qa(text:str)->dict|None:
+    m = re.search(r"Question:\s*(.+?)\s*Solution:\s*(.+)", text, re.S)
+    return dict(question=m[1].strip(), solution=m[2].strip(), answer=extract_number(m[2])) if m else None
+
+def verify(know:WorldKnowledge, question:str, answer)->bool|None:
+    "Workflow 9 for TinyWorld: is `answer` the world's answer to `question`? None when the world does not know it."
+    truth = know.answer_of(question)
+    if truth is None or answer is None: return None if truth is None else False
+    if re.fullmatch(r"-?\d+", truth): return math_equal(truth, str(answer))
+    return ' '.join(words(truth)) in ' '.join(words(str(answer)))
+
+def extract_qa(teacher:Backend, docs:list[dict], know:WorldKnowledge, seed:int=0, max_tokens:int=384,
+               keep_unverified:bool=False, progress:bool=False)->list[dict]:
+    "Workflow 3: reasoning passages into question / worked-solution pairs, each answer checked against the world."
+    rows = []
+    for d, rep in zip(docs, ask(teacher, QA_PROMPT, docs, max_tokens=max_tokens, seed=seed, progress=progress)):
+        qa = parse_qa(rep.texts[0]) if rep.ok else None
+        ok = None if qa is None else verify(know, qa['question'], qa['answer'])
+        st = ('failed' if not rep.ok else 'unparsed' if qa is None else 'wrong' if ok is False else
+              'kept' if ok or keep_unverified else 'unverified')
+        text = f"Question: {qa['question']}\nSolution: {qa['solution']}" if qa else None
+        rows.append(record('qa', d, teacher, QA_PROMPT, seed, st, text if st == 'kept' else None,
+                           **(qa or dict(question=None, solution=None, answer=None)), verified=ok,
+                           reply=rep.texts[0] if rep.ok else rep.error))
+    return rows
+
+@skill('qa')
+def _qa_skill(t:WorldTeacher, req, text:str, rng)->str|None:
+    p = t.know.problem_in(text.split('Passage:\n', 1)[-1])
+    if p is None: return None
+    lines, v = p.solution()
+    return f"Question: {p.question}\nSolution: {' '.join(lines)}\nAnswer: {v}"
+
+# %% ../nbs/17_synth.ipynb #6e2a9d41
+REWRITE_PROMPTS = {
+    'exercise': prompt('rewrite-exercise', """Rewrite the passage below as exercises a student can answer from it,
+each question followed by its answer, in the form
+Q: <question>
+A: <answer>
+
+Passage:
+{text}""", 'v1'),
+    'discussion': prompt('rewrite-discussion', """Rewrite the passage below as a discussion in which a student asks
+about each thing it says and a teacher answers. Start each line with "Student:" or "Teacher:".
+
+Passage:
+{text}""", 'v1'),
+    'structured': prompt('rewrite-structured', """List every fact of the passage below as a record, one per line,
+in the form: subject | relation | value
+
+Passage:
+{text}""", 'v1')}
+
+def copied(source:str, out:str, n:int=8)->float:
+    "The share of the output's word `n`-grams found in the source: near 1, the 'rewrite' is a copy."
+    grams = lambda ws: {tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)}
+    o = grams(words(out))
+    return len(o & grams(words(source))) / len(o) if o else 0.0
+
+def check_rewrite(know:WorldKnowledge, form:str, source:str, out:str)->dict:
+    "How faithful a rewrite is: the source's facts it keeps (coverage), and its checkable claims that are right."
+    facts = know.facts_in(source)
+    cov = sum(_pad(f.value) in _pad(out) for f in facts) / len(facts) if facts else None
+    claims = []
+    if form == 'exercise':
+        claims = [verify(know, q, a) for q, a in re.findall(r"Q:\s*(.+?)\s*\nA:\s*(.+)", out)]
+    elif form == 'structured':
+        for line in out.splitlines():
+            s, *_, v = [x.strip() for x in line.split('|')] if line.count('|') == 2 else [None, None]
+            hits = [f for f in know.by_subject.get(_pad(s or ''), []) if _pad(f.value) == _pad(v or '')]
+            if s: claims.append(bool(hits))
+    claims = [c for c in claims if c is not None]
+    return dict(coverage=cov, claims=len(claims), claims_right=sum(claims), copied=round(copied(source, out), 4))
+
+def rewrite(teacher:Backend, docs:list[dict], know:WorldKnowledge, forms=('exercise', 'discussion', 'structured'),
+            seed:int=0, max_tokens:int=384, max_copied:float=0.5, progress:bool=False)->list[dict]:
+    "Workflow 4: each passage in each form; kept when not a copy, with every fact kept and every checked claim right."
+    jobs = [(form, d) for form in forms for d in docs]                 # every form in one batch of calls
+    reps = ask(teacher, [REWRITE_PROMPTS[f] for f, _ in jobs], [d for _, d in jobs], max_tokens=max_tokens, seed=seed,
+               progress=progress)
+    rows = []
+    for (form, d), rep in zip(jobs, reps):
+        out = rep.texts[0].strip() if rep.ok else ''
+        c = check_rewrite(know, form, d['text'], out) if rep.ok else dict(coverage=None, claims=0, claims_right=0,
+                                                                          copied=None)
+        st = ('failed' if not rep.ok else 'empty' if not out else 'copied' if c['copied'] > max_copied else
+              'lost-facts' if c['coverage'] is not None and c['coverage'] < 1 else
+              'wrong-claim' if c['claims_right'] < c['claims'] else 'kept')
+        rows.append(record('rewrite', {**d, 'id': f"{form}/{d['id']}"}, teacher, REWRITE_PROMPTS[form], seed, st,
+                           out if st == 'kept' else None, form=form, source_id=d['id'], **c, reply=out or rep.error))
+    return rows
+
+def _statement(f)->str: return RELATIONS[f.relation][0][0].format(s=f.subject, v=f.value)
+def _question(f, i:int=0)->str: return RELATIONS[f.relation][1][i % 2].format(s=f.subject, v=f.value)
+
+def _rewrite_skill(form):
+    def fn(t:WorldTeacher, req, text:str, rng)->str|None:
+        facts = t.know.facts_in(text.split('Passage:\n', 1)[-1])
+        if not facts: return None
+        if form == 'exercise': return '\n'.join(f"Q: {_question(f)}\nA: {f.value}" for f in facts)
+        if form == 'discussion':
+            return '\n'.join(f"Student: {_question(f, 1)}\nTeacher: {_statement(f)}" for f in facts)
+        return '\n'.join(f"{f.subject} | {f.relation} | {f.value}" for f in facts)
+    return fn
+for _f in REWRITE_PROMPTS: skill(f'rewrite-{_f}')(_rewrite_skill(_f))
+
+# %% ../nbs/17_synth.ipynb #8d3f5a61
+CRITIQUE_PROMPT = prompt('critique', """Critique the solution below against the rubric.
+Reasoning (1-5): is every step valid, and does each follow from the one before?
+Factual accuracy (1-5): are all numbers and facts right?
+Reply with one JSON object: {{"reasoning": r, "accuracy": a, "issues": ["...", ...]}}
+
+Problem:
+{question}
+
+Solution:
+{solution}""", 'v1')
+REVISE_PROMPT = prompt('revise', """Revise the solution below to fix every issue listed, keeping what was right.
+End with a line of the form "Answer: N".
+
+Problem:
+{question}
+
+Solution:
+{solution}
+
+Issues:
+{issues}""", 'v1')
+
+def self_revise(teacher:Backend, questions:list[dict], know:WorldKnowledge, rounds:int=2, temperature:float=0.8,
+                seed:int=0, max_tokens:int=384, progress:bool=False)->list[dict]:
+    "Workflow 5: draft, then up to `rounds` of critique and revision; every version kept; the final one checked."
+    drafts = ask(teacher, PLURALITY_PROMPT, questions, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                 progress=progress)
+    hist = {q['id']: [dict(round=0, solution=r.texts[0] if r.ok else None, error=r.error)] for q, r in
+            zip(questions, drafts)}
+    for k in range(1, rounds + 1):
+        live = [dict(q, solution=hist[q['id']][-1]['solution']) for q in questions
+                if hist[q['id']][-1]['solution'] is not None and not hist[q['id']][-1].get('done')]
+        if not live: break
+        crits = ask(teacher, CRITIQUE_PROMPT, [dict(it, id=f"{it['id']}@{k}") for it in live], max_tokens=max_tokens,
+                    seed=seed, progress=progress)
+        todo = []
+        for it, c in zip(live, crits):
+            v = parse_json(c.texts[0]) if c.ok else None
+            issues = [str(x) for x in (v or {}).get('issues') or []] if v else None
+            hist[it['id']][-1].update(critique=c.texts[0] if c.ok else c.error, issues=issues)   # one type per column
+            if v and not issues and _level(v.get('reasoning')) == 5 and _level(v.get('accuracy')) == 5:
+                hist[it['id']][-1]['done'] = True                               # nothing to fix
+            else: todo.append(dict(it, id=f"{it['id']}@{k}", qid=it['id'],
+                                   issues='\n'.join(f"- {x}" for x in issues or ['the critique was unreadable'])))
+        for it, r in zip(todo, ask(teacher, REVISE_PROMPT, todo, max_tokens=max_tokens, seed=seed, progress=progress)):
+            hist[it['qid']].append(dict(round=k, solution=r.texts[0] if r.ok else None, error=r.error))
+    rows = []
+    for q in questions:
+        h = hist[q['id']]; final = next((x['solution'] for x in reversed(h) if x['solution']), None)
+        ok = [verify(know, q['question'], extract_number(x['solution'])) for x in h if x['solution']] or [False]
+        st = 'failed' if final is None else 'kept' if ok[-1] else 'wrong' if ok[-1] is False else 'unverified'
+        rows.append(record('revise', q, teacher, [PLURALITY_PROMPT, CRITIQUE_PROMPT, REVISE_PROMPT], seed, st,
+                           f"{q['question']}\n\n{final}" if st == 'kept' else None, question=q['question'],
+                           revisions=h, draft_right=ok[0], final_right=ok[-1], n_revisions=len(h) - 1))
+    return rows
+
+_EQ = re.compile(r"(-?\d+) ([-+×÷*/]) (-?\d+) = (-?\d+)")
+
+@skill('critique')
+def _critique_skill(t:WorldTeacher, req, text:str, rng)->str|None:
+    import json
+    q, sol = text.split('Problem:\n', 1)[-1].split('\n\nSolution:\n', 1)
+    p = t.know.problem_in(q)
+    if p is None: return None
+    ops = {'+': int.__add__, '-': int.__sub__, '×': int.__mul__, '*': int.__mul__, '÷': int.__floordiv__,
+           '/': int.__floordiv__}
+    issues = [f"{a} {o} {b} is {ops[o](int(a), int(b))}, not {c}" for a, o, b, c in _EQ.findall(sol)
+              if int(b) or o not in '÷/' if ops[o](int(a), int(b)) != int(c)]
+    right = extract_number(sol) == str(p.answer)
+    if not right and not issues: issues = [f"the final answer should follow from the steps"]
+    return json.dumps(dict(reasoning=5 if not issues else 2, accuracy=5 if right else 1, issues=issues))
+
+@skill('revise')
+def _revise_skill(t:WorldTeacher, req, text:str, rng)->str|None:
+    p = t.know.problem_in(text.split('Problem:\n', 1)[-1].split('\n\nSolution:\n', 1)[0])
+    return None if p is None else t.answer('arith', p, None)
+
+# %% ../nbs/17_synth.ipynb #1a5c7e81
+STUDENT_PROMPT = prompt('agent-student', """You are a curious student reading the snippet below with an expert.
+Ask one short question about it that has not been asked yet, and nothing else.
+
+Snippet:
+{text}""", 'v1')
+EXPERT_PROMPT = prompt('agent-expert', """You are an expert. Answer the student's questions about the snippet
+below in one sentence each, using only what it says.
+
+Snippet:
+{text}""", 'v1')
+
+def _turns(system:str, convo:list, me:str)->list[dict]:
+    "The chat one agent sees: its persona, its own turns as 'assistant', the other's as 'user'."
+    msgs = [dict(role='system', content=system)]
+    msgs += [dict(role='assistant' if who == me else 'user', content=c) for who, c in convo]
+    return msgs if len(msgs) > 1 else msgs + [dict(role='user', content='Begin.')]
+
+def multi_agent(teacher:Backend, docs:list[dict], know:WorldKnowledge, turns:int=2, seed:int=0,
+                max_tokens:int=96, progress:bool=False)->list[dict]:
+    "Workflow 6: a student agent and an expert agent take turns over a snippet; the expert's answers checked."
+    convos = {d['id']: [] for d in docs}
+    agents = [('student', STUDENT_PROMPT), ('expert', EXPERT_PROMPT)]
+    for k in range(turns):
+        for who, P in agents:
+            reqs = [Request(_turns(P[0].format(text=d['text']), convos[d['id']], who), max_tokens=max_tokens,
+                            temperature=0.0, seed=item_seed(seed, f"{who}|{d['id']}|{k}")) for d in docs]
+            for d, r in zip(docs, teacher.complete(reqs, progress=progress)):
+                convos[d['id']].append((who, r.texts[0].strip() if r.ok else None))
+    rows = []
+    for d in docs:
+        c = convos[d['id']]
+        pairs = [(c[i][1], c[i + 1][1]) for i in range(0, len(c) - 1, 2)]
+        checks = [verify(know, q, a) if q and a else False for q, a in pairs]
+        known = [x for x in checks if x is not None]
+        st = ('failed' if any(x is None for _, x in c) else 'wrong' if not all(known) else
+              'kept' if known else 'unverified')
+        text = '\n'.join(f"{w.capitalize()}: {x}" for w, x in c) if st == 'kept' else None
+        rows.append(record('agents', d, teacher, [STUDENT_PROMPT, EXPERT_PROMPT], seed, st, text,
+                           conversation=[dict(agent=w, content=x) for w, x in c], checked=len(known),
+                           right=sum(known)))
+    return rows
+
+@skill('agent-student')
+def _student_skill(t:WorldTeacher, req, text:str, rng)->str:
+    facts = t.know.facts_in(text.split('Snippet:\n', 1)[-1])
+    asked = sum(m['role'] == 'assistant' for m in req.prompt)
+    return _question(facts[asked], asked) if asked < len(facts) else "Thank you, I have no more questions."
+
+@skill('agent-expert')
+def _expert_skill(t:WorldTeacher, req, text:str, rng)->str:
+    q = req.prompt[-1]['content']
+    hit = t.find(q) if q != 'Begin.' else None
+    if hit and hit[0] == 'fact': return _statement(hit[1])
+    return "You are welcome." if q.startswith('Thank') else "The snippet does not say."
+
+# %% ../nbs/17_synth.ipynb #3c7e9b91
+INSTRUCT_PROMPT = prompt('instruct', """Write the instruction that the code below answers: the function's
+signature and a docstring saying what it does, without the body.
+
+Code:
+{code}""", 'v1')
+CODE_PROMPT = prompt('code', """Write a Python function for the instruction below. Reply with the complete
+function only.
+
+{instruction}""", 'v1')
+
+def split_code(text:str)->tuple[str, list[str]]:
+    "(code, assert lines) of a passage: its fenced Python blocks (or all of it), tests apart."
+    blocks = re.findall(r"```(?:python)?\n(.*?)```", text, re.S) or [text]
+    lines = '\n'.join(blocks).splitlines()
+    tests = [l for l in lines if l.startswith('assert ')]
+    return '\n'.join(l for l in lines if not l.startswith('assert ')).strip() + '\n', tests
+
+def strip_docstrings(code:str)->str:
+    "`code` without its docstrings (what instruction reversal must recover)."
+    return re.sub(r'\n(\s*)("""|\'\'\')(.*?)\2[^\n]*', '', code, flags=re.S)
+
+def code_block(text:str)->str:
+    "The first fenced code block of a reply, or the reply."
+    m = re.search(r"```(?:python)?\n(.*?)```", text, re.S)
+    return (m[1] if m else text).strip() + '\n'
+
+def code_similarity(a:str, b:str)->float:
+    "difflib's ratio between the token sequences of two programs (docstrings and comments left out)."
+    import difflib
+    tok = lambda s: re.findall(r"\w+|[^\w\s]", re.sub(r"#.*", "", strip_docstrings(s)))
+    return difflib.SequenceMatcher(None, tok(a), tok(b), autojunk=False).ratio()
+
+def reverse_code(teacher:Backend, docs:list[dict], min_similarity:float=0.6, seed:int=0, max_tokens:int=256,
+                 sandbox:dict|None=None, progress:bool=False)->list[dict]:
+    "Workflow 7: code -> instruction -> code; kept above `min_similarity` when it runs clean (and passes any tests)."
+    from phi4_nb.sandbox import run_many
+    items = [dict(id=d['id'], code=strip_docstrings(split_code(d['text'])[0]), tests=split_code(d['text'])[1])
+             for d in docs]
+    ins = ask(teacher, INSTRUCT_PROMPT, items, max_tokens=max_tokens, seed=seed, progress=progress)
+    got = [dict(it, instruction=code_block(r.texts[0])) for it, r in zip(items, ins) if r.ok]
+    back = dict(zip([g['id'] for g in got],
+                    ask(teacher, CODE_PROMPT, got, max_tokens=max_tokens, seed=seed, progress=progress)))
+    code = {i: code_block(r.texts[0]) for i, r in back.items() if r.ok}
+    run = [g for g in got if g['id'] in code]                      # every regenerated program runs, tests or not
+    res = dict(zip([g['id'] for g in run], run_many([code[g['id']] + '\n' + '\n'.join(g['tests']) + '\n' for g in run],
+                                                    progress=progress, **(sandbox or {}))))
+    rows, by = [], {g['id']: g for g in got}
+    for it in items:
+        g, c = by.get(it['id']), code.get(it['id'])
+        sim = code_similarity(it['code'], c) if c else None
+        passed = res[it['id']].passed if it['id'] in res else None
+        st = ('failed' if c is None else 'dissimilar' if sim < min_similarity else
+              ('tests-failed' if it['tests'] else 'crashed') if not passed else 'kept')
+        rows.append(record('reversal', it, teacher, [INSTRUCT_PROMPT, CODE_PROMPT], seed, st,
+                           f"{g['instruction'].rstrip()}\n\n{c}" if st == 'kept' else None, source_code=it['code'],
+                           instruction=g and g['instruction'], code=c, similarity=sim and round(sim, 4),
+                           tests=len(it['tests']), passed=passed))
+    return rows
+
+@skill('instruct')
+def _instruct_skill(t:WorldTeacher, req, text:str, rng)->str|None:
+    code = text.split('Code:\n', 1)[-1]
+    task = t.know.code_in(code)
+    if task is None:                                        # a variant of a known task: the nearest with its name
+        name = re.search(r"def (\w+)\(", code)
+        near = [x for x in t.world.train['code'] if name and x.entry_point == name[1]]
+        task = max(near, key=lambda x: code_similarity(code, x.code), default=None)
+    return None if task is None else task.prompt.rstrip() + '\n'
+
+@skill('code')
+def _code_skill(t:WorldTeacher, req, text:str, rng)->str|None:
+    task = t.know.code_in(text)
+    return None if task is None else f"```python\n{task.code}```"
+
+# %% ../nbs/17_synth.ipynb #5e9c1b21
+WEB_PROMPT = prompt('web-rewrite', """Rewrite the web page below as a clean, self-contained text for a textbook:
+keep every fact and the full reasoning, drop the chatter, fix any error, and end a worked problem with a line of the
+form "Answer: N".
+
+Page:
+{text}""", 'v1')
+
+def web_rewrite(teacher:Backend, docs:list[dict], know:WorldKnowledge, seed:int=0, max_tokens:int=384,
+                max_copied:float=0.8, progress:bool=False)->list[dict]:
+    "Workflow 8a: web pages rewritten clean; kept when not a copy, and a problem's answer right or every fact kept."
+    rows = []
+    for d, rep in zip(docs, ask(teacher, WEB_PROMPT, docs, max_tokens=max_tokens, seed=seed, progress=progress)):
+        out = rep.texts[0].strip() if rep.ok else ''
+        p, cp = know.problem_in(d['text']), round(copied(d['text'], out), 4)
+        if not rep.ok: st, chk = 'failed', {}
+        elif cp > max_copied: st, chk = 'copied', {}
+        elif p is not None:
+            ok = math_equal(str(p.answer), extract_number(out) or '')
+            st, chk = ('kept' if ok else 'wrong'), dict(problem=p.id, answer_right=ok)
+        else:
+            c = check_rewrite(know, 'discussion', d['text'], out)
+            st = 'unverified' if c['coverage'] is None else 'kept' if c['coverage'] == 1 else 'lost-facts'
+            chk = dict(coverage=c['coverage'])
+        rows.append(record('web_rewrite', d, teacher, WEB_PROMPT, seed, st, out if st == 'kept' else None,
+                           source=d['text'], reply=out or rep.error, copied=cp, **chk))
+    return rows
+
+@skill('web-rewrite')
+def _web_skill(t:WorldTeacher, req, text:str, rng)->str|None:
+    page = text.split('Page:\n', 1)[-1]
+    p = t.know.problem_in(page)
+    if p is not None:
+        lines, v = p.solution()
+        return f"{p.question}\n\n" + '\n'.join(lines) + f"\nAnswer: {v}"
+    facts = t.know.facts_in(page)
+    return ' '.join(_statement(f) for f in facts) if facts else None
+
+# %% ../nbs/17_synth.ipynb #7f1d3b41
+FIM_PROMPT = prompt('fim', """Fill in the missing middle of the text below: reply with the missing line only.
+
+<prefix>
+{prefix}
+</prefix>
+<suffix>
+{suffix}
+</suffix>""", 'v1')
+FIM_TEXT = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>{middle}"
+
+def fim_split(doc:dict, seed:int=0)->dict|None:
+    "Remove one middle line of a code or worked-solution passage: (prefix, middle, suffix), or None."
+    lines = doc['text'].splitlines(keepends=True)
+    ok = lambda l: bool(re.search(r"\d+ = -?\d+|^\s+(return|if|for|while|\w+ =)", l))
+    pick = [i for i, l in enumerate(lines) if 0 < i < len(lines) - 1 and ok(l) and len(l) <= 100
+            and not l.startswith('assert')]                           # one step or statement, not a whole post
+    if not pick: return None
+    i = random.Random(item_seed(seed, doc['id'])).choice(pick)
+    return dict(id=doc['id'], prefix=''.join(lines[:i]), middle=lines[i], suffix=''.join(lines[i + 1:]))
+
+def fill_in_middle(teacher:Backend, docs:list[dict], seed:int=0, max_tokens:int=64, sandbox:dict|None=None,
+                   progress:bool=False)->list[dict]:
+    "Workflow 8b: fill-in-the-middle exercises, kept when the answer is the removed span (or, for code, passes)."
+    from phi4_nb.sandbox import run_many
+    items = [x for d in docs if (x := fim_split(d, seed))]
+    reps = ask(teacher, FIM_PROMPT, items, max_tokens=max_tokens, seed=seed, progress=progress)
+    norm = lambda s: ' '.join(s.split())
+    fill = {it['id']: code_block(r.texts[0]).strip('\n') if r.ok else None for it, r in zip(items, reps)}
+    exact = {it['id']: fill[it['id']] is not None and norm(fill[it['id']]) == norm(it['middle']) for it in items}
+    code = [it for it in items if fill[it['id']] and not exact[it['id']] and 'assert ' in it['suffix']]
+    indent = lambda it: re.match(r"\s*", it['middle'])[0]
+    filled = [split_code(it['prefix'] + indent(it) + fill[it['id']].strip() + '\n' + it['suffix']) for it in code]
+    progs = [c + '\n'.join(t) + '\n' for c, t in filled]                 # the passage's code, then its tests
+    ran = dict(zip([it['id'] for it in code], run_many(progs, progress=progress, **(sandbox or {})) if progs else []))
+    rows = []
+    for it in items:
+        f, passed = fill[it['id']], ran[it['id']].passed if it['id'] in ran else None
+        st = 'failed' if f is None else 'kept' if exact[it['id']] or passed else 'wrong'
+        mid = it['middle'] if exact[it['id']] else (f + '\n' if f else None)
+        rows.append(record('fim', it, teacher, FIM_PROMPT, seed, st,
+                           FIM_TEXT.format(prefix=it['prefix'], suffix=it['suffix'], middle=mid) if st == 'kept'
+                           else None, prefix=it['prefix'], middle=it['middle'], suffix=it['suffix'], fill=f,
+                           exact=exact[it['id']], passed=passed))
+    return rows
+
+@skill('fim')
+def _fim_skill(t:WorldTeacher, req, text:str, rng)->str|None:
+    pre, suf = re.search(r"<prefix>\n(.*)\n</prefix>\n<suffix>\n(.*)\n</suffix>", text, re.S).groups()
+    task, p = t.know.code_in(pre + suf), t.know.problem_in(pre + suf)
+    full = task.code.splitlines() if task else p.solution()[0] if p else None
+    if full is None: return None
+    have = {l.strip() for l in (pre + suf).splitlines()}
+    return next((l for l in full if l.strip() not in have), None)
 
 # %% ../nbs/17_synth.ipynb #f65f2a7c
 def write_dataset(folder, tables:dict,                 # workflow name -> its records
@@ -148,3 +709,42 @@ def write_dataset(folder, tables:dict,                 # workflow name -> its re
         body.append(f"| {name} | {len(rows)} | {teachers} | {versions} |")
     atomic_write_text(folder/'README.md', '\n'.join(head + ['---', ''] + body) + '\n')
     return folder
+
+# %% ../nbs/17_synth.ipynb #8e5bc0d4
+WEB_WORKFLOWS = ('web_rewrite',)
+
+def corpus_docs(folder, pool:str)->Iterator[dict]:
+    "Kept training texts of a dataset folder: `pool` 'web_rewrites' (web rewrites) or 'synthetic' (other workflows)."
+    from phi4_nb.core import iter_jsonl
+    if pool not in ('synthetic', 'web_rewrites'):
+        raise ValueError(f"pool must be 'synthetic' or 'web_rewrites', not {pool!r}")
+    files = sorted(Path(folder).glob('*.jsonl'))
+    if not files: raise FileNotFoundError(f"no workflow files (*.jsonl) in {folder}")
+    for f in files:
+        if (f.stem in WEB_WORKFLOWS) != (pool == 'web_rewrites'): continue
+        for _, r in iter_jsonl(f):
+            if r['status'] == 'kept' and r.get('text'):
+                yield dict(id=r['id'], text=r['text'], workflow=r['workflow'], teacher=r['teacher'])
+
+# %% ../nbs/17_synth.ipynb #0d648e6c
+from datatrove.pipeline.base import PipelineStep
+
+class WorkflowStep(PipelineStep):
+    "Any workflow as a datatrove step: batches of documents in, each out with its records in `metadata['synth']`."
+    name, type = 'workflow', 'synth'
+    def __init__(self, workflow, teacher:Backend, batch:int=32, **kw):   # workflow(teacher, items, **kw) -> records
+        super().__init__(); self.workflow, self.teacher, self.batch, self.kw = workflow, teacher, batch, kw
+
+    def run(self, data, rank:int=0, world_size:int=1):
+        docs = []
+        for doc in list(data or []) + [None]:
+            if doc is not None: docs.append(doc)
+            if docs and (doc is None or len(docs) == self.batch):
+                items = [dict(d.metadata, id=d.id, text=d.text, question=d.text) for d in docs]
+                by = {}
+                for r in self.workflow(self.teacher, items, **self.kw): by.setdefault(r['seed_id'], []).append(r)
+                for d in docs:
+                    d.metadata['synth'] = by.get(d.id, [])
+                    for r in d.metadata['synth']: self.stat_update(r['status'])
+                    yield d
+                docs = []
