@@ -23,6 +23,8 @@ extras = {
     'docs': ['mkdocs', 'mkdocs-material', 'mkdocs-jupyter', 'playwright'],
     # LLM backends: the official OpenAI client, and the OpenAI-compatible server (phi4_serve)
     'serve': ['openai', 'fastapi', 'uvicorn'],
+    # training: TensorBoard logs, and TRL (its SFT and DPO losses are what ours are tested against)
+    'train': ['tensorboard', 'trl'],
     # Triton kernels (CPU interpreter in tests, compiled on GPUs)
     'kernels': ['triton'],
     # optional fast path on CUDA machines; needs a CUDA toolchain to build

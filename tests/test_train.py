@@ -1,0 +1,101 @@
+"""The trainer: exact resume after SIGKILL, the same losses on 2 ranks (DDP over gloo, torchrun) as on 1, and clear
+errors for checkpoints of another run.
+
+Run: pytest tests/test_train.py
+"""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+
+JOB = r'''
+import sys, time, torch
+from pathlib import Path
+from phi4_nb.config import get_config
+from phi4_nb.model import Phi4ForCausalLM
+from phi4_nb.train import Trainer, TrainConfig
+
+class Rows:
+    "A global batch of fixed random rows per step; each rank takes its slice (what DDP needs to match 1 rank)."
+    def __init__(self, batch, rank, world, vocab, T=32, steps=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, vocab, (steps * batch, T + 1), generator=g)
+        self.b, self.r, self.w, self.i = batch // world, rank, world, 0
+        self.gb = batch
+    def next_batch(self):
+        rows = self.data[self.i * self.gb:(self.i + 1) * self.gb][self.r * self.b:(self.r + 1) * self.b]
+        self.i += 1
+        T = rows.shape[1] - 1
+        return dict(input_ids=rows[:, :-1], labels=rows[:, 1:], position_ids=torch.arange(T).expand(len(rows), T))
+    def state_dict(self): return dict(i=self.i, config=dict(batch=self.gb))
+    def load_state_dict(self, s): self.i = s['i']
+
+out, steps, slow = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+rank, world = int(__import__('os').environ.get('RANK', 0)), int(__import__('os').environ.get('WORLD_SIZE', 1))
+torch.manual_seed(0)
+model = Phi4ForCausalLM(get_config('tiny', vocab_size=256))
+loader = Rows(8, rank, world, 256)
+if slow:                                               # time to be killed between steps
+    nb = loader.next_batch
+    loader.next_batch = lambda: (time.sleep(slow), nb())[1]
+cfg = TrainConfig(steps=steps, warmup_steps=3, lr=3e-3, ckpt_every=4, grad_accum=2)
+Trainer(model, loader, cfg, out, progress=False).fit()
+'''
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    p = tmp_path_factory.mktemp("job")/"job.py"; p.write_text(JOB); return p
+
+
+def _rows(out):
+    from phi4_nb.train import read_log
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in read_log(out)]
+
+
+def _run(job, out, steps=12, slow=0.0, check=True):
+    return subprocess.run([sys.executable, str(job), str(out), str(steps), str(slow)], check=check,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_run_killed_by_sigkill_resumes_to_the_same_loss_curve(job, tmp_path):
+    _run(job, tmp_path/"whole")
+    p = subprocess.Popen([sys.executable, str(job), str(tmp_path/"killed"), "12", "0.15"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path/"killed"/"log.csv"
+    while not log.exists() or len(log.read_text().splitlines()) < 7:      # 6 steps logged: a checkpoint at 4 exists
+        assert p.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert len(_rows(tmp_path/"killed")) < 12
+    _run(job, tmp_path/"killed")                                             # the same command, again
+    assert _rows(tmp_path/"killed") == _rows(tmp_path/"whole")               # bit for bit
+    assert [r[0] for r in _rows(tmp_path/"whole")] == list(range(1, 13))
+    left = sorted(x.name for x in (tmp_path/"killed"/"checkpoints").iterdir())
+    assert left == ["step-00000008", "step-00000012"]                       # the newest two, no temporary folder
+
+
+def test_two_ranks_give_the_one_rank_losses(job, tmp_path):
+    _run(job, tmp_path/"one", steps=6)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29517", str(job), str(tmp_path/"two"), "6", "0"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = _rows(tmp_path/"one"), _rows(tmp_path/"two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5) and a[3] == pytest.approx(b[3], rel=1e-4)
+    cfg = json.loads((tmp_path/"two"/"train_config.json").read_text())
+    assert cfg["world_size"] == 2
+    bad = _run(job, tmp_path/"two", steps=8, check=False)                    # 1 rank cannot resume a 2-rank run
+    assert bad.returncode != 0 and "world_size" in bad.stderr and "belongs to another run" in bad.stderr
+
+
+def test_corrupt_or_foreign_checkpoints_are_clear_errors(job, tmp_path):
+    _run(job, tmp_path/"a", steps=4)
+    meta = tmp_path/"a"/"checkpoints"/"step-00000004"/"trainer.json"
+    m = json.loads(meta.read_text()); m["fingerprint"]["model"]["hidden_size"] = 7; meta.write_text(json.dumps(m))
+    bad = _run(job, tmp_path/"a", steps=8, check=False)
+    assert bad.returncode != 0 and "belongs to another run" in bad.stderr and "model" in bad.stderr
+    meta.write_text("{not json")
+    bad = _run(job, tmp_path/"a", steps=8, check=False)
+    assert bad.returncode != 0 and "unreadable" in bad.stderr
