@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_reproduce.ipynb #a6b6c80d
 from __future__ import annotations
-import json, os, shutil, time
+import json, math, os, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -17,6 +17,7 @@ from .core import (artifact_dir, atomic_write_json, atomic_write_text, run_manif
 __all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'TRUE_TYPE', 'STAGES', 'Run', 'done_hash', 'stage_hash', 'run_stage',
            'stage_world', 'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model',
            'load_lm', 'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_serve', 'stage_synth',
+           'heldout_loss', 'unigram_loss', 'stage_pretrain', 'stage_midtrain', 'stage_sft', 'stage_dpo',
            'stage_smollm2', 'reports_dir', 'save_figure', 'save_table', 'published', 'write_summary', 'report_params',
            'run_report', 'write_index', 'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
 
@@ -45,6 +46,13 @@ _SMOKE = dict(
     synth=dict(seeds=3000, questions=400, n=8, slip_rate=0.3, temperature=0.8, rounds=2, turns=2,   # TinyWorld teacher
                per_workflow=dict(qa=400, rewrite=200, revise=200, agents=100, reversal=150, web_rewrite=300, fim=200),
                smollm2=dict(items=2, n=4, max_tokens=96, rounds=1, turns=1)),    # SmolLM2 on the first seeds of each
+    pretrain=dict(steps=300, batch=8, seq_len=256, lr=2e-3, warmup=30, ckpt_every=50),
+    midtrain=dict(steps=40, batch=4, lr=2e-4, warmup=4, ckpt_every=20, rope_theta=250000.0, long_source='code',
+                  long_share=0.3),
+    sft=dict(base='midtrain', steps=60, batch=8, seq_len=256, lr=5e-4, warmup=6, ckpt_every=20, eval_items=100,
+             weight_decay=0.0),
+    dpo=dict(steps=30, batch=8, lr=5e-5, warmup=3, ckpt_every=10, beta=0.1, loss_type='sigmoid', heldout_share=0.2,
+             weight_decay=0.0),
     serve=dict(model='SmolLM2-135M-Instruct', requests=32, max_tokens=32, concurrency=(1, 16), repeats=2,
                temperature=0.5),
     smollm2=dict(limits=dict(gsm8k=100, math=50, humaneval=164, throughput=16, gsm8k_8shot=50),
@@ -59,6 +67,10 @@ STAGE_SETTINGS = {
                            dtype='float32', compile=False),
              'longctx': dict(models=('init',), n=2, multiples=(1,), base_ctx=128, dtype='float32'),
              'serve': dict(model='init', requests=8, max_tokens=4, concurrency=(1, 4), repeats=1, temperature=0.5),
+             'pretrain': dict(steps=12, batch=4, seq_len=64, lr=3e-3, warmup=2, ckpt_every=6),
+             'midtrain': dict(_SMOKE['midtrain'], steps=4, batch=2, warmup=1, ckpt_every=2),
+             'sft': dict(_SMOKE['sft'], steps=6, batch=2, seq_len=128, warmup=1, ckpt_every=3, eval_items=8),
+             'dpo': dict(_SMOKE['dpo'], steps=4, batch=2, warmup=1, ckpt_every=2),
              'synth': dict(seeds=300, questions=40, n=8, slip_rate=0.3, temperature=0.8, rounds=2, turns=2,
                            per_workflow=dict(qa=20, rewrite=10, revise=20, agents=10, reversal=10, web_rewrite=10,
                                              fim=10), smollm2=None)},
@@ -72,9 +84,11 @@ STAGE_SETTINGS = {
 DEPENDS = {'world': (), 'tokenizer': ('world',), 'curate': ('world',), 'decontam': ('world', 'curate'),
            'mixture': ('tokenizer', 'curate', 'decontam', 'synth'), 'model': ('tokenizer',),
            'evals': ('world', 'model'), 'longctx': ('model',), 'generate': ('model',), 'serve': ('model',),
-           'synth': ('world', 'tokenizer', 'curate'),
+           'synth': ('world', 'tokenizer', 'curate'), 'pretrain': ('world', 'tokenizer', 'mixture'),
+           'midtrain': ('pretrain',), 'sft': ('midtrain', 'synth'), 'dpo': ('sft',),
            'smollm2': ()}
-MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'synth', 'mixture', 'model', 'evals', 'longctx')
+MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'synth', 'mixture', 'pretrain', 'midtrain', 'sft', 'dpo', 'model',
+        'evals', 'longctx')
 
 # %% ../nbs/50_reproduce.ipynb #9c8d7e6f
 @dataclass
@@ -415,6 +429,191 @@ def stage_synth(run, out, cfg):
     return dict(workflows=res, checks=checks, seeds=len(pages), cpus=os.cpu_count(),
                 corpus={p: sum(1 for _ in S.corpus_docs(out/'dataset', p)) for p in ('synthetic', 'web_rewrites')})
 
+# %% ../nbs/50_reproduce.ipynb #7a8b9c02
+def _heldout(run)->list:
+    "TinyWorld's test word problems (never in training documents), each with its worked solution."
+    from phi4_nb.world import World
+    w = World(run.seed, run.settings('world')['world_preset'])
+    return [(p.question, ' '.join(p.solution()[0]) + f"\nAnswer: {p.answer}", p.answer) for p in w.test_arith]
+
+@torch.no_grad()
+def heldout_loss(model, tok, texts:list, seq_len:int, batch:int=16)->float:
+    "Token-weighted next-token loss of `model` on `texts` (each cut to `seq_len` + 1 tokens)."
+    from phi4_nb.mixture import encode_batch
+    tot, n = 0.0, 0
+    ids = [x[:seq_len + 1] for x in encode_batch(tok, texts) if len(x) > 1]
+    for i in range(0, len(ids), batch):
+        chunk = ids[i:i + batch]; T = max(map(len, chunk))
+        x = torch.zeros(len(chunk), T, dtype=torch.long); m = torch.zeros_like(x)
+        for j, s in enumerate(chunk): x[j, :len(s)] = torch.tensor(s); m[j, :len(s)] = 1
+        logits = model(x[:, :-1]).float()
+        l = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction='none')
+        tot += (l * m[:, 1:]).sum().item(); n += int(m[:, 1:].sum())
+    return tot / n
+
+def unigram_loss(corpus_dir, tok, texts:list)->float:
+    "Cross-entropy on `texts` of the add-one unigram model of a corpus's training tokens."
+    import numpy as np
+    from phi4_nb.mixture import load_manifest, encode_batch
+    man, root = load_manifest(corpus_dir), Path(corpus_dir)
+    counts = np.ones(len(tok), np.float64)
+    for k, e in man['sources'].items():
+        for m in e['shards']: counts += np.bincount(np.fromfile(root/k/m['bin'], man['dtype']), minlength=len(tok))
+    ids = np.concatenate([np.array(x[1:]) for x in encode_batch(tok, texts) if len(x) > 1])
+    return float(-np.log(counts[ids] / counts.sum()).mean())
+
+def _chat_accuracy(model, tok, items:list, max_tokens:int=96)->float:
+    "Share of test problems whose greedy chat answer ends with the right number."
+    from phi4_nb.llm import EngineBackend, Request
+    from phi4_nb.synth import extract_number
+    b = EngineBackend(model.eval(), tok, model_id='eval', max_batch=32)
+    reps = b.complete([Request([dict(role='user', content=q)], temperature=0.0, max_tokens=max_tokens)
+                       for q, _, _ in items])
+    return sum(r.ok and extract_number(r.texts[0]) == str(a) for r, (_, _, a) in zip(reps, items)) / len(items)
+
+def _trainer_config(run, cfg):
+    from phi4_nb.train import TrainConfig
+    return TrainConfig(steps=cfg['steps'], lr=cfg['lr'], warmup_steps=cfg['warmup'], min_lr_ratio=0.1,
+                       ckpt_every=cfg['ckpt_every'], seed=run.seed, weight_decay=cfg.get('weight_decay', 0.1))
+
+def _fit(run, out, model, loader, cfg, loss_fn=None)->dict:
+    "Train (resuming from `out/run` if a checkpoint is there) and report the log's first and last losses."
+    from phi4_nb.train import Trainer, read_log, lm_loss
+    Trainer(model, loader, _trainer_config(run, cfg), out/'run', loss_fn=loss_fn or lm_loss).fit()
+    log = read_log(out/'run'); k = max(1, len(log) // 10)
+    mean = lambda rows: round(sum(r['loss'] for r in rows) / len(rows), 4)
+    return dict(steps=len(log), tokens=int(sum(r['tokens'] for r in log)), loss_first=mean(log[:k]),
+                loss_last=mean(log[-k:]), tokens_per_s=round(sum(r['tokens'] for r in log) /
+                                                             sum(r['seconds'] for r in log), 1))
+
+def _pools(run, names)->dict:
+    "Table 5's fractions over the pools of the mixture corpus that hold tokens, renormalised."
+    from phi4_nb.mixture import load_manifest, PHI4_MIXTURE
+    man = load_manifest(run.dir('mixture')/'corpus')
+    have = {k: PHI4_MIXTURE[k][0] for k in names if man['sources'].get(k, {}).get('n_tokens', 0) > 0}
+    return {k: v / sum(have.values()) for k, v in have.items()}
+
+# %% ../nbs/50_reproduce.ipynb #7a8b9c03
+def stage_pretrain(run, out, cfg):
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.mixture import PackedLoader, PHI4_MIXTURE
+    from phi4_nb.tokenizer import load_tokenizer
+    tok, corpus = load_tokenizer(run.dir('tokenizer')), run.dir('mixture')/'corpus'
+    mix = _pools(run, PHI4_MIXTURE)
+    T, B = cfg['seq_len'], cfg['batch']
+    loader = PackedLoader(corpus, mix, total_tokens=cfg['steps'] * B * (T + 1), seq_len=T, batch_size=B, seed=run.seed)
+    torch.manual_seed(run.seed)
+    model = Phi4ForCausalLM(get_config(run.preset))
+    res = _fit(run, out, model, loader, cfg)
+    model.eval().save_hf(out/'hf', tokenizer=tok)
+    texts = [f"{q}\n{s}" for q, s, _ in _heldout(run)]
+    return dict(res, mixture=mix, heldout_loss=round(heldout_loss(model, tok, texts, T), 4),
+                unigram_loss=round(unigram_loss(corpus, tok, texts), 4), uniform_loss=round(math.log(len(tok)), 4))
+
+def stage_midtrain(run, out, cfg):
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.mixture import PackedLoader, PHI4_MIXTURE
+    from phi4_nb.tokenizer import load_tokenizer
+    tok, corpus = load_tokenizer(run.dir('tokenizer')), run.dir('mixture')/'corpus'
+    pre = Phi4ForCausalLM.from_hf(run.dir('pretrain')/'hf')
+    T0 = run.settings('pretrain')['seq_len']
+    c = get_config(run.preset, rope_theta=cfg['rope_theta'], max_position_embeddings=2 * T0)
+    model = Phi4ForCausalLM(c); model.load_state_dict(pre.state_dict())            # the new base: a new rotary table
+    replay = _pools(run, [k for k in PHI4_MIXTURE if k != cfg['long_source']])
+    mix = {cfg['long_source']: cfg['long_share'], **{k: v * (1 - cfg['long_share']) for k, v in replay.items()}}
+    T, B = 2 * T0, cfg['batch']
+    loader = PackedLoader(corpus, mix, total_tokens=cfg['steps'] * B * (T + 1), seq_len=T, batch_size=B, seed=run.seed)
+    texts = [f"{q}\n{s}" for q, s, _ in _heldout(run)]
+    before = heldout_loss(model, tok, texts, T)
+    res = _fit(run, out, model, loader, cfg)
+    model.eval().save_hf(out/'hf', tokenizer=tok)
+    return dict(res, mixture=mix, seq_len=T, rope_theta=cfg['rope_theta'], heldout_loss_before=round(before, 4),
+                heldout_loss=round(heldout_loss(model, tok, texts, T), 4))
+
+# %% ../nbs/50_reproduce.ipynb #7a8b9c04
+def _conversations(run)->list:
+    "Chat conversations made from the kept records of the synthetic corpus."
+    import re
+    from phi4_nb.core import read_jsonl
+    d, convs = run.dir('synth')/'dataset', []
+    u, a = lambda t: dict(role='user', content=t), lambda t: dict(role='assistant', content=t)
+    for r in read_jsonl(d/'qa.jsonl') + read_jsonl(d/'plurality.jsonl'):
+        if r['status'] == 'kept': convs.append([u(r['question']), a(r['solution'])])
+    for r in read_jsonl(d/'rewrite.jsonl'):
+        if r['status'] == 'kept' and r['form'] == 'exercise':
+            convs.append([m for q, x in re.findall(r"Q: (.+)\nA: (.+)", r['text']) for m in (u(q), a(x))])
+    for r in read_jsonl(d/'agents.jsonl'):
+        if r['status'] == 'kept':
+            convs.append([(u if t['agent'] == 'student' else a)(t['content']) for t in r['conversation']])
+    return [c for c in convs if c and c[-1]['role'] == 'assistant']
+
+def stage_sft(run, out, cfg):
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.sft import sft_example, SFTLoader
+    from phi4_nb.tokenizer import load_tokenizer
+    tok = load_tokenizer(run.dir('tokenizer'))
+    model = Phi4ForCausalLM.from_hf(run.dir(cfg['base'])/'hf')
+    convs = _conversations(run)
+    exs, too_long = [], 0
+    for c in convs:                                   # a conversation whose first answer starts past a row is left out
+        try: exs.append(sft_example(tok, c, max_tokens=cfg['seq_len']))
+        except ValueError: too_long += 1
+    loader = SFTLoader(exs, cfg['seq_len'], batch_rows=cfg['batch'], pad_id=tok.pad_token_id or 0, seed=run.seed)
+    held = _heldout(run)[:cfg['eval_items']]
+    hx = [sft_example(tok, [dict(role='user', content=q), dict(role='assistant', content=s)]) for q, s, _ in held]
+    from phi4_nb.train import lm_loss
+    from phi4_nb.sft import pack
+    chat_loss = lambda m: round(lm_loss(m.eval(), pack(hx, cfg['seq_len']))[0].item(), 4)
+    with torch.no_grad(): before, acc_before = chat_loss(model), _chat_accuracy(model, tok, held)
+    res = _fit(run, out, model.train(), loader, cfg)
+    model.eval().save_hf(out/'hf', tokenizer=tok)
+    with torch.no_grad(): after = chat_loss(model)
+    acc = _chat_accuracy(model, tok, held)
+    return dict(res, conversations=len(exs), left_out_too_long=too_long, heldout_chat_loss_before=before,
+                heldout_chat_loss=after, heldout_accuracy_before=round(acc_before, 4), heldout_accuracy=round(acc, 4),
+                eval_items=len(held))
+
+# %% ../nbs/50_reproduce.ipynb #7a8b9c05
+def _revision_pairs(run, tok)->list:
+    "DPO pairs from self-revision: the right final solution over the wrong draft it replaced, as token ids."
+    from phi4_nb.core import read_jsonl
+    from phi4_nb.tokenizer import encode_chat
+    pairs = []
+    for r in read_jsonl(run.dir('synth')/'dataset'/'revise.jsonl'):
+        if r['status'] != 'kept' or r['draft_right'] or not r['teacher'].startswith('tinyworld'): continue
+        if not r['revisions'][0]['solution']: continue
+        p = encode_chat(tok, [dict(role='user', content=r['question'])], add_generation_prompt=True)
+        enc = lambda t: tok.encode(t + '<|im_end|>', add_special_tokens=False)
+        pairs.append(dict(id=r['seed_id'], prompt_ids=p, chosen_ids=enc(r['revisions'][-1]['solution']),
+                          rejected_ids=enc(r['revisions'][0]['solution'])))
+    return pairs
+
+def stage_dpo(run, out, cfg):
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.dpo import RefLogps, PairLoader, DPOLoss, collate_pairs, pair_logps
+    from phi4_nb.tokenizer import load_tokenizer
+    tok = load_tokenizer(run.dir('tokenizer'))
+    model, ref = (Phi4ForCausalLM.from_hf(run.dir('sft')/'hf') for _ in range(2))
+    pairs = _revision_pairs(run, tok)
+    k = max(1, int(len(pairs) * cfg['heldout_share']))
+    train, held = pairs[k:], pairs[:k]
+    refs = RefLogps(ref, out/'ref_logps.sqlite', pad_id=tok.pad_token_id or 0)
+    def pref_acc(m):                                  # held-out pairs whose implicit reward prefers the chosen
+        with torch.no_grad():
+            c, r, _, _ = pair_logps(m.eval(), collate_pairs(held, tok.pad_token_id or 0)); rc, rr = refs(held)
+        share = lambda x: round((x > 0).float().mean().item(), 4)
+        return share((c - rc) - (r - rr)), share(c - r)
+    _, chosen_more_before = pref_acc(model)
+    loss = DPOLoss(beta=cfg['beta'], loss_type=cfg['loss_type'])
+    res = _fit(run, out, model.train(), PairLoader(train, refs, batch_size=cfg['batch'], seed=run.seed), cfg, loss)
+    model.eval().save_hf(out/'hf', tokenizer=tok)
+    reward_acc, chosen_more = pref_acc(model)
+    held_items = _heldout(run)[:run.settings('sft')['eval_items']]
+    return dict(res, pairs=len(pairs), train_pairs=len(train), heldout_pairs=len(held),
+                heldout_reward_accuracy=reward_acc, heldout_chosen_likelier_before=chosen_more_before,
+                heldout_chosen_likelier=chosen_more, heldout_accuracy=round(_chat_accuracy(model, tok, held_items), 4),
+                ref_logps_computed=refs.computed)
+
 # %% ../nbs/50_reproduce.ipynb #4e5f6071
 def _gsm8k_throughput(lm, items, n:int=4, max_tokens:int=256, batch:int=8, seed:int=0)->dict:
     "Samples/s (and new tokens/s) for GSM8K prompts at `n` samples each with the engine."
@@ -591,7 +790,8 @@ def write_index(out_dir, preset:str, summaries:list)->Path:
 # %% ../nbs/50_reproduce.ipynb #ccf29827
 STAGES = dict(world=stage_world, tokenizer=stage_tokenizer, curate=stage_curate, decontam=stage_decontam,
               mixture=stage_mixture, model=stage_model, evals=stage_evals, longctx=stage_longctx,
-              synth=stage_synth, generate=stage_generate, serve=stage_serve, smollm2=stage_smollm2)
+              synth=stage_synth, generate=stage_generate, serve=stage_serve, smollm2=stage_smollm2,
+              pretrain=stage_pretrain, midtrain=stage_midtrain, sft=stage_sft, dpo=stage_dpo)
 
 def reproduce(preset:str='smoke',
               stages:list|None=None,   # default: the main stages (`MAIN`), in dependency order
