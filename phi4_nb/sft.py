@@ -9,14 +9,31 @@ import torch
 from .tokenizer import encode_chat
 
 # %% auto #0
-__all__ = ['sft_example', 'pack', 'SFTLoader']
+__all__ = ['encode_template', 'sft_example', 'pack', 'SFTLoader']
 
 # %% ../nbs/22_sft.ipynb #5a6b7c8d
-def sft_example(tok, messages:list[dict], max_tokens:int|None=None)->dict:
+def encode_template(tok, messages:list[dict])->tuple[list, list]:
+    "(ids, assistant mask) through the tokenizer's own chat template: each reply is what its turn adds to the prefix."
+    ids, mask = [], []
+    render = lambda msgs, gen=False: list(tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True,
+                                                                  return_dict=False))
+    for i, m in enumerate(messages):
+        if m['role'] != 'assistant': continue
+        before, upto = render(messages[:i], True), render(messages[:i + 1])
+        if upto[:len(ids)] != ids or upto[:len(before)] != before:
+            raise ValueError("the chat template does not render each conversation as a prefix of the next; "
+                             "use chat_template='phi4'")
+        mask += [0] * (len(before) - len(ids)) + [1] * (len(upto) - len(before)); ids = upto
+    return ids, mask
+
+def sft_example(tok, messages:list[dict], max_tokens:int|None=None,
+                chat_template:str='phi4')->dict:   # 'phi4': Phi-4's format; 'tokenizer': the tokenizer's own template
     "`input_ids`, `labels`, `loss_mask` (assistant tokens) of one conversation, cut to `max_tokens` predictions."
     if not any(m.get('role') == 'assistant' for m in messages):
         raise ValueError("a conversation for SFT needs at least one assistant turn")
-    ids, mask = encode_chat(tok, messages, return_mask=True)
+    if chat_template not in ('phi4', 'tokenizer'): raise ValueError("chat_template is 'phi4' or 'tokenizer'")
+    phi4 = chat_template == 'phi4'
+    ids, mask = encode_chat(tok, messages, return_mask=True) if phi4 else encode_template(tok, messages)
     ex = dict(input_ids=ids[:-1], labels=ids[1:], loss_mask=mask[1:])
     if max_tokens: ex = {k: v[:max_tokens] for k, v in ex.items()}
     if not any(ex['loss_mask']): raise ValueError("max_tokens cuts every assistant token: raise it")

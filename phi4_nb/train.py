@@ -15,7 +15,7 @@ from .core import atomic_write_json
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'LOG_FIELDS', 'TrainConfig', 'lr_factor', 'param_groups', 'make_optimizer', 'lm_loss',
-           'IncompatibleCheckpoint', 'check_compatible', 'device_peak', 'Trainer', 'fit', 'read_log']
+           'IncompatibleCheckpoint', 'check_compatible', 'setup_model', 'device_peak', 'Trainer', 'fit', 'read_log']
 
 # %% ../nbs/20_train.ipynb #a6c7e8f9
 @dataclass
@@ -36,7 +36,8 @@ class TrainConfig:
     seed:int=0
     precision:str='auto'             # 'auto' (bf16 on CUDA, fp32 elsewhere), 'bf16', 'fp16' or 'no'
     compile:bool=False               # torch.compile the model
-    activation_checkpointing:bool=False
+    activation_checkpointing:bool=False  # recompute each decoder layer in the backward pass
+    attention:str|None=None          # 'sdpa', 'triton', 'flash_attn', 'eager' (None: the model's own setting)
     peak_flops:float|None=None       # device peak for MFU (None: look it up, when the device is known)
 
     def __post_init__(self):
@@ -44,6 +45,9 @@ class TrainConfig:
         if bad: raise ValueError(f"{', '.join(bad)} must be >= 1")
         if not 0 <= self.warmup_steps <= self.steps: raise ValueError("need 0 <= warmup_steps <= steps")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1: raise ValueError("need lr > 0 and 0 <= min_lr_ratio <= 1")
+        from phi4_nb.attention import ATTN_IMPLEMENTATIONS
+        if self.attention is not None and self.attention not in ATTN_IMPLEMENTATIONS[:-1]:
+            raise ValueError(f"attention must be one of {ATTN_IMPLEMENTATIONS[:-1]}, got {self.attention!r}")
         if self.precision not in ('auto', 'bf16', 'fp16', 'no'):
             raise ValueError(f"unknown precision {self.precision!r}")
 
@@ -97,6 +101,30 @@ def check_compatible(saved:dict, now:dict, where)->None:
         detail = '; '.join(f"{k}: saved {saved.get(k)!s:.80} != now {now.get(k)!s:.80}" for k in diff)
         raise IncompatibleCheckpoint(f"checkpoint {where} belongs to another run ({detail})")
 
+# %% ../nbs/20_train.ipynb #b3e4f5a7
+def _checkpointed(layer):
+    "`layer` whose forward is recomputed in the backward pass."
+    from torch.utils.checkpoint import checkpoint
+    fwd = layer.forward
+    def forward(*a, **k):
+        if not torch.is_grad_enabled(): return fwd(*a, **k)
+        return checkpoint(fwd, *a, use_reentrant=False, **k)
+    layer.forward = forward
+    return layer
+
+def setup_model(model, cfg:TrainConfig):
+    "Apply the run's attention implementation and activation checkpointing to `model` (in place)."
+    if cfg.attention is not None:
+        if hasattr(model, 'config') and hasattr(model.config, 'attn_implementation'):
+            model.config.attn_implementation = cfg.attention
+        else: raise ValueError(f"cannot set attention={cfg.attention!r} on a {type(model).__name__}")
+    if cfg.activation_checkpointing:
+        if hasattr(model, 'gradient_checkpointing_enable'): model.gradient_checkpointing_enable()
+        elif hasattr(model, 'model') and hasattr(model.model, 'layers'):
+            for layer in model.model.layers: _checkpointed(layer)
+        else: raise ValueError(f"no decoder layers found in a {type(model).__name__} to checkpoint")
+    return model
+
 # %% ../nbs/20_train.ipynb #b5d6e7f8
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12}   # dense bf16, per device
 
@@ -106,6 +134,17 @@ def device_peak(acc)->float|None:
     name = torch.cuda.get_device_name(acc.device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
+def _accelerator(precision:str):
+    "An `Accelerator`; in a single process whose accelerate state another library set differently, a fresh one."
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    cpu = not torch.cuda.is_available()
+    try: return Accelerator(mixed_precision=precision, cpu=cpu)
+    except ValueError as e:
+        if 'already been initialized' not in str(e) or PartialState().num_processes > 1: raise
+        AcceleratorState._reset_state()              # e.g. a TRL trainer in the same notebook chose bf16
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+
 class Trainer:
     "The training loop of every stage: accelerate, AdamW with the report's schedule, exact resume, CSV logs."
     def __init__(self, model, loader,            # loader: next_batch(), state_dict(), load_state_dict()
@@ -113,15 +152,13 @@ class Trainer:
                  loss_fn=lm_loss,                  # (model, batch) -> (loss, tokens)
                  seq_len:int|None=None,            # for FLOPs per token (default: the batch's length)
                  progress:bool=True):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
         prec = cfg.precision if cfg.precision != 'auto' else 'bf16' if torch.cuda.is_available() else 'no'
-        self.acc = Accelerator(mixed_precision=prec, cpu=not torch.cuda.is_available())
+        self.acc = _accelerator(prec)
         set_seed(cfg.seed)
         self.cfg, self.loader, self.loss_fn, self.progress = cfg, loader, loss_fn, progress
         self.out = Path(out_dir); self.ckpt_root = self.out/'checkpoints'
-        if cfg.activation_checkpointing and hasattr(model, 'gradient_checkpointing_enable'):
-            model.gradient_checkpointing_enable()
+        setup_model(model, cfg)
         self.fingerprint = _fingerprint(model, loader, self.acc)
         self.mcfg = getattr(model, 'config', None)
         opt, self.sched = make_optimizer(model.to(self.acc.device), cfg)

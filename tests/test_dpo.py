@@ -63,7 +63,7 @@ def test_our_tokenisation_matches_trls(setup, tmp_path):
     from trl import DPOConfig, DPOTrainer
     tok, load, pairs = setup
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], per_device_train_batch_size=6, use_cpu=True,
-                     max_length=None)
+                     bf16=False, max_length=None)
     trainer = DPOTrainer(model=load("policy"), ref_model=load("ref"), args=args, processing_class=tok,
                          train_dataset=Dataset.from_list(pairs))
     ds = trainer.train_dataset

@@ -74,3 +74,39 @@ def test_loader_resumes_and_shards(tok):
     with pytest.raises(ValueError, match="other data"): SFTLoader(exs[:5], 48, 2, seed=3).load_state_dict(s)
     a, b = SFTLoader(exs, 48, 2, rank=0, world_size=2), SFTLoader(exs, 48, 2, rank=1, world_size=2)
     assert set(a._order(0)).isdisjoint(b._order(0)) and len(a._order(0)) + len(b._order(0)) == 12
+
+
+def test_a_transformers_checkpoint_fine_tunes_with_sft_and_dpo_and_goes_back(tmp_path):
+    """SmolLM2-135M-Instruct (a Llama-family checkpoint): SFT in its own chat template, then DPO, on our trainer; the
+    result saves as a Hugging Face checkpoint that transformers loads and generates with."""
+    from transformers import AutoModelForCausalLM
+    from phi4_nb.model import smollm2_checkpoint
+    from phi4_nb.tokenizer import load_tokenizer
+    from phi4_nb.train import Trainer, TrainConfig, read_log
+    from phi4_nb.dpo import RefLogps, PairLoader, DPOLoss, tokenize_pair
+    src = smollm2_checkpoint()
+    tok, model = load_tokenizer(src), Phi4ForCausalLM.from_hf(src, dtype=torch.float32)
+    convs = [[dict(role="user", content=f"Say the number {k}."), dict(role="assistant", content=f"{k}")] for k in range(4)]
+    exs = [sft_example(tok, c, chat_template="tokenizer") for c in convs]
+    assert all(tok.decode([l for l, m in zip(e["labels"], e["loss_mask"]) if m]).startswith(str(k))
+               for k, e in enumerate(exs))
+    cfg = TrainConfig(steps=4, warmup_steps=1, lr=2e-5, ckpt_every=4, weight_decay=0.0)
+    Trainer(model, SFTLoader(exs, 64, batch_rows=2, pad_id=tok.pad_token_id or 0), cfg, tmp_path/"sft",
+            progress=False).fit()
+    log = read_log(tmp_path/"sft")
+    assert log[-1]["loss"] < log[0]["loss"]
+    ref = Phi4ForCausalLM.from_hf(src, dtype=torch.float32)
+    ref.load_state_dict(model.state_dict())
+    pairs = [tokenize_pair(tok, dict(prompt=f"{k} + 1 =", chosen=f" {k + 1}", rejected=f" {k + 2}")) for k in range(4)]
+    loader = PairLoader(pairs, RefLogps(ref, tmp_path/"ref.sqlite", pad_id=tok.pad_token_id or 0), batch_size=2)
+    Trainer(model, loader, TrainConfig(steps=3, warmup_steps=1, lr=2e-5, ckpt_every=3, weight_decay=0.0),
+            tmp_path/"dpo", loss_fn=DPOLoss(beta=0.1), progress=False).fit()
+    dpo = read_log(tmp_path/"dpo")
+    assert dpo[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and dpo[-1]["loss"] < dpo[0]["loss"]
+    model.eval().save_hf(tmp_path/"hf", tokenizer=tok)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path/"hf"), dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-4)
+        out = hf.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4

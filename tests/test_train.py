@@ -99,3 +99,23 @@ def test_corrupt_or_foreign_checkpoints_are_clear_errors(job, tmp_path):
     meta.write_text("{not json")
     bad = _run(job, tmp_path/"a", steps=8, check=False)
     assert bad.returncode != 0 and "unreadable" in bad.stderr
+
+
+def test_a_trainer_after_another_librarys_accelerator_in_the_same_process(tmp_path):
+    """A notebook that ran a TRL trainer in bf16 (accelerate's state is a process-wide singleton) can still train."""
+    from accelerate import Accelerator
+    from phi4_nb.config import get_config
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.train import Trainer, TrainConfig, read_log
+    Accelerator(mixed_precision="bf16", cpu=True)
+    ids = torch.randint(0, 256, (4, 17))
+
+    class One:
+        def next_batch(self): return dict(input_ids=ids[:, :-1], labels=ids[:, 1:])
+        def state_dict(self): return dict(config={})
+        def load_state_dict(self, s): pass
+    t = Trainer(Phi4ForCausalLM(get_config("tiny", vocab_size=256)), One(), TrainConfig(steps=2, warmup_steps=1),
+                tmp_path, progress=False)
+    assert t.acc.mixed_precision == "no"
+    t.fit()
+    assert len(read_log(tmp_path)) == 2
