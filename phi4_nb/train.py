@@ -15,7 +15,8 @@ from .core import atomic_write_json
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'LOG_FIELDS', 'TrainConfig', 'lr_factor', 'param_groups', 'make_optimizer', 'lm_loss',
-           'IncompatibleCheckpoint', 'check_compatible', 'setup_model', 'device_peak', 'Trainer', 'fit', 'read_log']
+           'IncompatibleCheckpoint', 'check_compatible', 'setup_model', 'device_peak', 'Trainer', 'fit', 'read_log',
+           'bench_train']
 
 # %% ../nbs/20_train.ipynb #a6c7e8f9
 @dataclass
@@ -74,9 +75,10 @@ def make_optimizer(model, cfg:TrainConfig):
 def lm_loss(model, batch:dict)->tuple[torch.Tensor, int]:
     "(mean next-token cross-entropy over `loss_mask`, number of tokens it covers) for one batch."
     logits = model(batch['input_ids'], batch.get('position_ids'))                 # (B, T, V)
-    mask = batch['loss_mask'].bool() if 'loss_mask' in batch else torch.ones_like(batch['labels'], dtype=torch.bool)
-    loss = F.cross_entropy(logits[mask].float(), batch['labels'][mask])
-    return loss, int(mask.sum())
+    labels = batch['labels']
+    if 'loss_mask' in batch: labels = labels.masked_fill(~batch['loss_mask'].bool(), -100)   # no copy of the logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    return loss, int((labels != -100).sum())
 
 # %% ../nbs/20_train.ipynb #b3d4e5f6
 def _ckpts(root:Path)->list[Path]:
@@ -279,3 +281,35 @@ def read_log(out_dir)->list[dict]:
     "The rows of a run's `log.csv`, numbers as numbers."
     with open(Path(out_dir)/'log.csv') as f:
         return [{k: (float(v) if v not in ('', None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
+
+# %% ../nbs/20_train.ipynb #c6e7f8a1
+def bench_train(model, hf_model, batch:int=8, seq_len:int=256, steps:int=5, repeats:int=3, label:str='',
+                compile:bool=False, threads:int|None=None)->list[dict]:
+    "Training tokens/s of `model` and `hf_model` (same weights), alternating; one row per side, with the ratio."
+    import copy
+    if threads: torch.set_num_threads(threads)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (batch, seq_len + 1), generator=g)
+    x, y = ids[:, :-1], ids[:, 1:]
+    ours, hf = copy.deepcopy(model).train(), copy.deepcopy(hf_model).train()
+    fwd = torch.compile(ours) if compile else ours
+    sides = {'phi4_nb': (ours, lambda: F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())),
+             'transformers': (hf, lambda: hf(input_ids=x, labels=ids[:, :-1]).loss)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in sides.items()}
+    def step(k):
+        loss = sides[k][1](); loss.backward(); opts[k].step(); opts[k].zero_grad(set_to_none=True)
+    t0 = time.perf_counter(); step('phi4_nb'); step('transformers'); warm = time.perf_counter() - t0
+    secs = {k: 0.0 for k in sides}
+    for _ in range(repeats):
+        for k in sides:
+            t = time.perf_counter()
+            for _ in range(steps): step(k)
+            secs[k] += time.perf_counter() - t
+    tok = batch * seq_len * steps * repeats
+    rows = [dict(model=label, run='compile' if compile else 'eager', side=k, compiled=compile and k == 'phi4_nb',
+                 batch=batch, seq_len=seq_len,
+                 steps=steps * repeats, seconds=round(v, 3), tokens_per_s=round(tok / v, 1),
+                 threads=torch.get_num_threads(), warmup_s=round(warm, 2)) for k, v in secs.items()]
+    rows[0]['vs_transformers'] = rows[1]['vs_transformers'] = round(secs['transformers'] / secs['phi4_nb'], 3)
+    return rows

@@ -103,11 +103,10 @@ def test_corrupt_or_foreign_checkpoints_are_clear_errors(job, tmp_path):
 
 def test_a_trainer_after_another_librarys_accelerator_in_the_same_process(tmp_path):
     """A notebook that ran a TRL trainer in bf16 (accelerate's state is a process-wide singleton) can still train."""
-    from accelerate import Accelerator
     from phi4_nb.config import get_config
     from phi4_nb.model import Phi4ForCausalLM
-    from phi4_nb.train import Trainer, TrainConfig, read_log
-    Accelerator(mixed_precision="bf16", cpu=True)
+    from phi4_nb.train import Trainer, TrainConfig, read_log, _accelerator
+    assert _accelerator("bf16").mixed_precision == "bf16"                 # what a TRL trainer in bf16 leaves behind
     ids = torch.randint(0, 256, (4, 17))
 
     class One:
