@@ -310,6 +310,7 @@ def bench_train(model, hf_model, batch:int=8, seq_len:int=256, steps:int=5, repe
     rows = [dict(model=label, run='compile' if compile else 'eager', side=k, compiled=compile and k == 'phi4_nb',
                  batch=batch, seq_len=seq_len,
                  steps=steps * repeats, seconds=round(v, 3), tokens_per_s=round(tok / v, 1),
+                 gflop_per_s=round(flops_per_token(model.config, seq_len) * tok / v / 1e9, 1),
                  threads=torch.get_num_threads(), warmup_s=round(warm, 2)) for k, v in secs.items()]
     rows[0]['vs_transformers'] = rows[1]['vs_transformers'] = round(secs['transformers'] / secs['phi4_nb'], 3)
     return rows
