@@ -303,7 +303,7 @@ def time_training_step(model_factory: Callable[[str], "torch.nn.Module"],  # att
 
 
 def _e2e_gpu_preset(seqlen: int = 2048, batch: int = 8) -> dict:
-    "Training-step time of phi4_nb's `gpu` preset with sdpa vs triton attention (bf16 autocast)."
+    "Training-step time, tokens/s and MFU of phi4_nb's `gpu` preset with sdpa vs triton attention (bf16 autocast)."
     import torch
     from phi4_nb.config import get_config
     from phi4_nb.model import Phi4ForCausalLM
@@ -311,7 +311,14 @@ def _e2e_gpu_preset(seqlen: int = 2048, batch: int = 8) -> dict:
     T = min(seqlen, cfg0.max_position_embeddings)
     ids = torch.randint(0, cfg0.vocab_size, (batch, T + 1), device="cuda")
     factory = lambda s: Phi4ForCausalLM(get_config("gpu", attn_implementation=s)).cuda()
-    return time_training_step(factory, ids, amp_dtype=torch.bfloat16)
+    res = time_training_step(factory, ids, amp_dtype=torch.bfloat16)
+    from phi4_nb.config import flops_per_token
+    from phi4_nb.train import PEAK_FLOPS                  # dense bf16 peak of known devices
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    for r in res.values():                                # MFU from the config's training FLOPs per token
+        if peak and r.get("tokens_per_s"): r["mfu"] = round(flops_per_token(cfg0, T) * r["tokens_per_s"] / peak, 4)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------------------------
