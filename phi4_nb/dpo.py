@@ -142,8 +142,11 @@ class PairLoader:
         self.digest = hashlib.sha256(''.join(pair_key(p) for p in pairs).encode()).hexdigest()
 
     def _order(self, epoch:int)->list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        return torch.randperm(len(self.pairs), generator=g).tolist()
+        "The pair order of `epoch` (the current epoch's is kept)."
+        if getattr(self, '_epoch', None) != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.pairs), generator=g).tolist()
+        return self._perm
 
     def next_batch(self)->dict:
         per = self.bs * self.ws                                       # pairs per step over all ranks

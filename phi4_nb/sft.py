@@ -9,7 +9,7 @@ import torch
 from .tokenizer import encode_chat
 
 # %% auto #0
-__all__ = ['encode_template', 'sft_example', 'pack', 'SFTLoader']
+__all__ = ['encode_template', 'sft_example', 'first_fit', 'pack', 'SFTLoader']
 
 # %% ../nbs/22_sft.ipynb #5a6b7c8d
 def encode_template(tok, messages:list[dict])->tuple[list, list]:
@@ -40,25 +40,29 @@ def sft_example(tok, messages:list[dict], max_tokens:int|None=None,
     return ex
 
 # %% ../nbs/22_sft.ipynb #5a9b0c1d
+def first_fit(lengths:list[int], seq_len:int, free:list[int]|None=None)->tuple[list[int], list[int]]:
+    "The row of each length, first fit into rows of `seq_len` after rows with `free` room left; (rows, room left)."
+    free, rows = list(free or []), []
+    for n in lengths:
+        n = min(n, seq_len)
+        i = next((j for j, f in enumerate(free) if f >= n), None)
+        if i is None: free.append(seq_len); i = len(free) - 1
+        free[i] -= n; rows.append(i)
+    return rows, free
+
 def pack(examples:list[dict], seq_len:int, pad_id:int=0)->dict:
     "Examples packed first-fit into rows of `seq_len`: a batch of (R, seq_len) tensors."
-    rows, free = [], []
-    for ex in examples:
-        ex = {k: v[:seq_len] for k, v in ex.items()}
-        n = len(ex['input_ids'])
-        i = next((j for j, f in enumerate(free) if f >= n), None)
-        if i is None: rows.append([]); free.append(seq_len); i = len(rows) - 1
-        rows[i].append(ex); free[i] -= n
-    out = {k: torch.zeros(len(rows), seq_len, dtype=torch.long) for k in ('input_ids', 'labels', 'position_ids',
+    exs = [{k: v[:seq_len] for k, v in ex.items()} for ex in examples]
+    where, free = first_fit([len(e['input_ids']) for e in exs], seq_len)
+    out = {k: torch.zeros(len(free), seq_len, dtype=torch.long) for k in ('input_ids', 'labels', 'position_ids',
                                                                            'loss_mask')}
     out['input_ids'].fill_(pad_id)
-    for r, row in enumerate(rows):
-        at = 0
-        for ex in row:
-            n = len(ex['input_ids'])
-            for k in ('input_ids', 'labels', 'loss_mask'): out[k][r, at:at + n] = torch.tensor(ex[k])
-            out['position_ids'][r, at:at + n] = torch.arange(n); at += n
-        out['position_ids'][r, at:] = torch.arange(seq_len - at)             # padding: a document of its own
+    at = [0] * len(free)
+    for ex, r in zip(exs, where):
+        n, a = len(ex['input_ids']), at[r]
+        for k in ('input_ids', 'labels', 'loss_mask'): out[k][r, a:a + n] = torch.tensor(ex[k])
+        out['position_ids'][r, a:a + n] = torch.arange(n); at[r] += n
+    for r, a in enumerate(at): out['position_ids'][r, a:] = torch.arange(seq_len - a)   # padding: its own document
     return out
 
 # %% ../nbs/22_sft.ipynb #5b2c3d4e
@@ -72,19 +76,22 @@ class SFTLoader:
         self.digest = hashlib.sha256(json.dumps([e['input_ids'] for e in examples]).encode()).hexdigest()
 
     def _order(self, epoch:int)->list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        return torch.randperm(len(self.ex), generator=g).tolist()[self.rank::self.ws]
+        "This rank's conversation order in `epoch` (the current epoch's is kept)."
+        if getattr(self, '_epoch', None) != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.ex), generator=g).tolist()[self.rank::self.ws]
+        return self._perm
 
     def next_batch(self)->dict:
         "Conversations in order until `batch_rows` rows are full (the one that does not fit opens the next batch)."
-        mine, taken, rows = len(self._order(0)), [], 0
+        mine, taken, free = len(self.ex[self.rank::self.ws]), [], []
         while True:
             e, k = divmod(self.cursor, mine)
             ex = self.ex[self._order(e)[k]]
-            trial = pack(taken + [ex], self.T, self.pad)
-            if taken and len(trial['input_ids']) > self.B: break
-            taken.append(ex); self.cursor += 1
-            if len(trial['input_ids']) == self.B and sum(len(x['input_ids']) for x in taken) >= self.B * self.T: break
+            _, trial = first_fit([len(ex['input_ids'])], self.T, free)
+            if taken and len(trial) > self.B: break
+            taken.append(ex); free = trial; self.cursor += 1
+            if len(free) == self.B and not any(free): break                  # every row full
         return pack(taken, self.T, self.pad)
 
     def state_dict(self)->dict:

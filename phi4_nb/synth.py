@@ -560,8 +560,7 @@ def reverse_code(teacher:Backend, docs:list[dict], min_similarity:float=0.6, see
                  sandbox:dict|None=None, progress:bool=False)->list[dict]:
     "Workflow 7: code -> instruction -> code; kept above `min_similarity` when it runs clean (and passes any tests)."
     from phi4_nb.sandbox import run_many
-    items = [dict(id=d['id'], code=strip_docstrings(split_code(d['text'])[0]), tests=split_code(d['text'])[1])
-             for d in docs]
+    items = [dict(id=d['id'], code=strip_docstrings(c), tests=t) for d in docs for c, t in [split_code(d['text'])]]
     ins = ask(teacher, INSTRUCT_PROMPT, items, max_tokens=max_tokens, seed=seed, progress=progress)
     got = [dict(it, instruction=code_block(r.texts[0])) for it, r in zip(items, ins) if r.ok]
     back = dict(zip([g['id'] for g in got],
