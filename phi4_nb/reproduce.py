@@ -5,7 +5,7 @@
 # %% ../nbs/50_reproduce.ipynb #a6b6c80d
 from __future__ import annotations
 import json, math, os, shutil, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from fastcore.script import call_parse
@@ -18,8 +18,8 @@ __all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'TRUE_TYPE', 'STAGES', 'Run', 'd
            'stage_world', 'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model',
            'load_lm', 'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_train', 'stage_serve',
            'stage_synth', 'heldout_loss', 'unigram_loss', 'stage_pretrain', 'stage_midtrain', 'stage_sft', 'stage_dpo',
-           'stage_smollm2', 'reports_dir', 'save_figure', 'save_table', 'published', 'write_summary', 'report_params',
-           'run_report', 'write_index', 'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
+           'stage_ablate', 'stage_smollm2', 'reports_dir', 'save_figure', 'save_table', 'published', 'write_summary',
+           'report_params', 'run_report', 'write_index', 'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
 
 # %% ../nbs/50_reproduce.ipynb #76b3a8c5
 _SMOKE = dict(
@@ -29,8 +29,9 @@ _SMOKE = dict(
     model=dict(),
     evals=dict(models=('init', 'SmolLM2-135M-Instruct'), limit=40, n=2, max_tokens=128, amc_tests=4, amc_n=2,
                amc_max_tokens=256, dtype='float32', compile=True,    # float32: bfloat16 is slow without AMX units
-               # SmolLM2 is 20x bigger: fewer samples, and eager (compiling each new shape costs more than it saves)
-               per_model={'SmolLM2-135M-Instruct': dict(n=1, amc_tests=2, compile=False)}),
+               # SmolLM2 is 20x bigger: fewer samples, and eager (compiling each new shape costs more than it saves);
+               # the untrained initialisation is the floor, one sample per item is enough for it
+               per_model={'SmolLM2-135M-Instruct': dict(n=1, amc_tests=2, compile=False), 'init': dict(n=1, amc_n=1)}),
     longctx=dict(models=('init', 'SmolLM2-135M-Instruct'), n=6, multiples=(1, 2), base_ctx=1024, dtype='float32'),
     generate=dict(smollm2=True, repeats=3, scenarios=[
         dict(model=m, dtype=dt, compile=c, batch=32, n=n, prompt_len=pl, max_tokens=mt, temperature=0.5, top_p=tp)
@@ -57,7 +58,19 @@ _SMOKE = dict(
     serve=dict(model='SmolLM2-135M-Instruct', requests=32, max_tokens=32, concurrency=(1, 16), repeats=2,
                temperature=0.5),
     smollm2=dict(limits=dict(gsm8k=100, math=50, humaneval=164, throughput=16, gsm8k_8shot=50),
-                 max_tokens=dict(gsm8k=320, math=400, humaneval=256), n=1, temperature=0.5))
+                 max_tokens=dict(gsm8k=320, math=400, humaneval=256), n=1, temperature=0.5),
+    # pretraining ablations: their own data on the easy world, then ~2M-parameter models trained from scratch
+    ablate=dict(data=dict(world=dict(world_preset='easy'), decontam=dict(organic_benchmarks=False),
+                          synth=dict(seeds=2500, questions=400, smollm2=None, per_workflow=dict(
+                              qa=400, rewrite=400, revise=200, agents=100, reversal=150, web_rewrite=1500, fim=100))),
+                model=dict(hidden_size=128, intermediate_size=448, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=1),
+                steps=150, batch=16, seq_len=128, lr=3e-3, fixed=dict(code=0.25),
+                arms=('final', 'uniform', 'S', 'S+WR', 'S+W'),
+                fig2=dict(start='S+W', steps=100, lr=1e-3, unique_tokens=12000, epochs=(4, 12), seeds=(0, 1),
+                          eval_every=50),
+                midtrain=dict(start='final', steps=30, batch=8, lr=3e-4, rope_theta=250000.0, long_share=0.3,
+                              recall_n=20, multiples=(1, 2, 4))))
 
 STAGE_SETTINGS = {
     'tiny': {**_SMOKE, 'world': dict(world_preset='tiny'), 'tokenizer': dict(stdlib_files=20),
@@ -75,7 +88,12 @@ STAGE_SETTINGS = {
              'dpo': dict(_SMOKE['dpo'], steps=4, batch=2, warmup=1, ckpt_every=2),
              'synth': dict(seeds=300, questions=40, n=8, slip_rate=0.3, temperature=0.8, rounds=2, turns=2,
                            per_workflow=dict(qa=20, rewrite=10, revise=20, agents=10, reversal=10, web_rewrite=10,
-                                             fim=10), smollm2=None)},
+                                             fim=10), smollm2=None),
+             'ablate': dict(_SMOKE['ablate'], data=dict(world=dict(world_preset='tiny')), model=dict(),
+                            steps=4, batch=2, seq_len=64, fig2=dict(start='S+W', steps=4, lr=1e-3, unique_tokens=50,
+                                                                    epochs=(1, 2), seeds=(0,), eval_every=2),
+                            midtrain=dict(_SMOKE['ablate']['midtrain'], steps=2, batch=2, recall_n=2,
+                                          multiples=(2, 4)))},
     'smoke': _SMOKE,
     'gpu': {**_SMOKE, 'world': dict(world_preset='gpu'), 'curate': dict(max_labels=20000),
             'evals': {**_SMOKE['evals'], 'limit': 200, 'n': 4, 'per_model': {}}},
@@ -88,9 +106,9 @@ DEPENDS = {'world': (), 'tokenizer': ('world',), 'curate': ('world',), 'decontam
            'evals': ('world', 'model'), 'longctx': ('model',), 'generate': ('model',), 'serve': ('model',),
            'synth': ('world', 'tokenizer', 'curate'), 'pretrain': ('world', 'tokenizer', 'mixture'),
            'midtrain': ('pretrain',), 'sft': ('midtrain', 'synth'), 'dpo': ('sft',), 'train': ('model',),
-           'smollm2': ()}
-MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'synth', 'mixture', 'pretrain', 'midtrain', 'sft', 'dpo', 'model',
-        'evals', 'longctx')
+           'smollm2': (), 'ablate': ('tokenizer',)}
+MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'synth', 'mixture', 'pretrain', 'midtrain', 'sft', 'dpo', 'ablate',
+        'model', 'evals', 'longctx')
 
 # %% ../nbs/50_reproduce.ipynb #9c8d7e6f
 @dataclass
@@ -392,7 +410,8 @@ def _workflows(S, T, know, pages:list, qs:list, k:dict, cfg:dict, seed:int, tagg
         revise=S.self_revise(T, qs[:k['revise']], know, rounds=cfg['rounds'], seed=seed, **sampled),
         agents=S.multi_agent(T, facts[::-1][:k['agents']], know, turns=cfg['turns'], seed=seed, **gen),
         reversal=S.reverse_code(T, code[:k['reversal']], seed=seed, **gen),
-        web_rewrite=S.web_rewrite(T, (status('no-chain') + facts[::-1])[:k['web_rewrite']], know, seed=seed, **gen),
+        web_rewrite=S.web_rewrite(T, (status('no-chain') + facts[::-1] + reasoning[::-1])[:k['web_rewrite']], know,
+                                  seed=seed, **gen),
         fim=S.fill_in_middle(T, code[::-1][:k['fim'] // 2] + reasoning[::-1][:k['fim'] - k['fim'] // 2], seed=seed,
                              **gen))
 
@@ -634,6 +653,127 @@ def stage_dpo(run, out, cfg):
                 heldout_chosen_likelier=chosen_more, heldout_accuracy=round(_chat_accuracy(model, tok, held_items), 4),
                 ref_logps_computed=refs.computed)
 
+# %% ../nbs/50_reproduce.ipynb #5b167874
+@dataclass
+class _SubRun(Run):
+    "Stages under other settings in a folder of their own, sharing some finished stages of a parent run."
+    overrides:dict=field(default_factory=dict)
+    shared:dict=field(default_factory=dict)       # stage -> the parent's folder for it
+    def dir(self, stage:str)->Path: return self.shared[stage] if stage in self.shared else super().dir(stage)
+    def settings(self, stage:str)->dict: return {**super().settings(stage), **self.overrides.get(stage, {})}
+
+def _ablation_corpus(run, sub, out, cfg, tok)->dict:
+    "The pools every ablation arm draws from, decontaminated against the easy world's tests."
+    from phi4_nb import ablate as A
+    from phi4_nb.decontam import DecontamIndex
+    from phi4_nb.mixture import build_pretrain_corpus
+    from phi4_nb.sources import jsonl_docs, stdlib_docs
+    from phi4_nb.synth import corpus_docs
+    web = list(jsonl_docs(sub.dir('curate')/'curated.jsonl'))
+    code = list(stdlib_docs(max_files=run.settings('mixture')['stdlib_files']))
+    synthetic = list(corpus_docs(sub.dir('synth')/'dataset', 'synthetic'))
+    half, fresh = A.split_halves(web, seed=run.seed)
+    T = cfg['seq_len']
+    long, short = A.by_length(web + code, tok, long_from=2 * T, short_below=T)
+    sources = dict(web=half, web_fresh=fresh, code=code, synthetic=synthetic,
+                   web_rewrites=list(corpus_docs(sub.dir('synth')/'dataset', 'web_rewrites')),
+                   synthetic_fixed=A.take_tokens(synthetic, tok, cfg['fig2']['unique_tokens'], seed=run.seed),
+                   long=long, short=short)
+    ix = DecontamIndex.load(sub.dir('decontam')/'index.pkl')
+    man = build_pretrain_corpus(out/'corpus', tok, sources, benchmarks=ix, progress=False)
+    return {k: v['n_tokens'] for k, v in man['sources'].items()}
+
+def _arm_eval(w, tok, corpus, T:int):
+    "evaluate(model) for the trainer, and a fuller one (per-item scores, losses) for finished arms."
+    from phi4_nb import ablate as A
+    from phi4_nb.adapters import LocalLM
+    items = A.knowledge_mcq(w, seed=0) + A.arith_mcq(w, seed=0)
+    texts = dict(arith=[it['context'] + it['options'][0] for it in items if it['task'] == 'arith'],
+                 knowledge=[it['context'] + it['options'][0] for it in items if it['task'] == 'knowledge'])
+    floors = {k: round(unigram_loss(corpus, tok, v), 4) for k, v in texts.items()}
+    def quick(m):                                                      # every other item, for curves
+        return {t: s['accuracy'] for t, s in A.mcq_summary(A.mcq_scores(LocalLM(m, tok), items[::2])).items()}
+    def full(m):
+        sc = A.mcq_scores(LocalLM(m, tok), items)
+        losses = {k: round(heldout_loss(m, tok, v, T), 4) for k, v in texts.items()}
+        return dict(mcq=A.mcq_summary(sc), loss=losses, unigram=floors), [{k: s[k] for k in ('id', 'task', 'right',
+                                                                                           'loss')} for s in sc]
+    return quick, full
+
+def _train_arm(out, name, model, corpus, mix, cfg, seed, full, evaluate=None, eval_every=0, **over):
+    "One arm: trained (or resumed), measured, its weights and per-item scores kept."
+    from phi4_nb import ablate as A
+    from phi4_nb.train import read_log, read_evals
+    from phi4_nb.model import Phi4ForCausalLM
+    d = out/'arms'/name
+    c = {**cfg, **over}
+    if (d/'result.json').exists(): return json.loads((d/'result.json').read_text()), Phi4ForCausalLM.from_hf(d/'hf')
+    A.train_lm(model, corpus, mix, d/'run', c['steps'], c['batch'], c['seq_len'], c['lr'], seed=seed,
+               evaluate=evaluate, eval_every=eval_every)
+    model.eval().save_hf(d/'hf')
+    res, scores = full(model)
+    log = read_log(d/'run')
+    res = dict(res, mixture=mix, seed=seed, steps=len(log), tokens=int(sum(r['tokens'] for r in log)),
+               seconds=round(sum(r['seconds'] for r in log), 1), loss_last=round(log[-1]['loss'], 4),
+               curve=read_evals(d/'run'))
+    write_jsonl(d/'scores.jsonl', scores)
+    atomic_write_json(d/'result.json', res)
+    return res, model
+
+def stage_ablate(run, out, cfg):
+    from phi4_nb import ablate as A
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.world import World
+    from phi4_nb.tokenizer import load_tokenizer
+    sub = _SubRun(run.preset, run.seed, out/'data', overrides=cfg['data'], shared=dict(tokenizer=run.dir('tokenizer')))
+    for s in ('world', 'curate', 'decontam', 'synth'): run_stage(sub, s)
+    tok, corpus = load_tokenizer(run.dir('tokenizer')), out/'corpus'
+    pools = _ablation_corpus(run, sub, out, cfg, tok)
+    w = World(run.seed, cfg['data']['world']['world_preset'])
+    T = cfg['seq_len']
+    quick, full = _arm_eval(w, tok, corpus, T)
+    mcfg = get_config(run.preset, **cfg['model'], max_position_embeddings=4 * T)
+    def fresh(seed):
+        torch.manual_seed(seed); return Phi4ForCausalLM(mcfg)
+    arms, models = {}, {}
+    for name in cfg['arms']:                                          # Table 4's allocations (and Tables 2, 3)
+        mix = A.allocation(A.ALLOCATIONS[name], cfg['fixed'])
+        arms[name], models[name] = _train_arm(out, name, fresh(run.seed), corpus, mix, cfg, run.seed, full)
+    f2, fig2 = cfg['fig2'], {}                                        # Figure 2: phase 2 from the web-heavy arm
+    H = f2['steps'] * cfg['batch'] * (T + 1)
+    for e in f2['epochs']:
+        for seed in f2['seeds']:
+            mix = A.repeated(pools['synthetic_fixed'], e, H)
+            m = Phi4ForCausalLM(mcfg); m.load_state_dict(models[f2['start']].state_dict())
+            fig2[f"{e}x-seed{seed}"], _ = _train_arm(out, f"fig2-{e}x-seed{seed}", m, corpus, mix, cfg, seed, full,
+                                                   evaluate=quick, eval_every=f2['eval_every'], steps=f2['steps'],
+                                                   lr=f2['lr'])
+    mt, mid = cfg['midtrain'], {}                                      # §3: natural long vs packed short
+    base = models[mt['start']]
+    recall = [it for k in mt['multiples'] for it in A.recall_mcq(tok, k * T, n=mt['recall_n'], seed=run.seed)]
+    edges = (0, *[k * T for k in mt['multiples']])
+    docs = [it['context'] for it in w.test_set('json_recall')]        # long held-out documents (never trained on)
+    def long_eval(m, name):                                            # per-item scores kept for paired deltas
+        from phi4_nb.adapters import LocalLM
+        sc = A.mcq_scores(LocalLM(m, tok), recall)
+        pos = A.loss_by_position(m, tok, docs, edges)
+        write_jsonl(out/'arms'/name/'recall_scores.jsonl', [{k: s[k] for k in ('id', 'task', 'right', 'loss')}
+                                                             for s in sc])
+        write_jsonl(out/'arms'/name/'position_losses.jsonl', pos)
+        return A.mcq_summary(sc), {k: round(sum(p[k] for p in pos) / len(pos), 4) for k in (pos or [{}])[0]}, len(pos)
+    replay = A.allocation(A.ALLOCATIONS[mt['start']], cfg['fixed'])
+    r, p, n = long_eval(base, mt['start'])
+    mid['base'] = dict(recall=r, position_loss=p, documents=n, rope_theta=base.config.rope_theta)
+    for kind in ('long', 'short'):
+        mix = {kind: mt['long_share'], **{k: v * (1 - mt['long_share']) for k, v in replay.items()}}
+        m = A.with_rope(base, mt['rope_theta'], 4 * T)
+        res, m = _train_arm(out, f"midtrain-{kind}", m, corpus, mix, cfg, run.seed, full, steps=mt['steps'],
+                            batch=mt['batch'], seq_len=2 * T, lr=mt['lr'])
+        r, p, n = long_eval(m, f"midtrain-{kind}")
+        mid[kind] = dict(res, recall=r, position_loss=p, documents=n, rope_theta=mt['rope_theta'])
+    return dict(world=w.cfg.preset, pools=pools, params=sum(p.numel() for p in base.parameters()),
+                arms=arms, fig2=fig2, midtrain=mid, seq_len=T)
+
 # %% ../nbs/50_reproduce.ipynb #4e5f6071
 def _gsm8k_throughput(lm, items, n:int=4, max_tokens:int=256, batch:int=8, seed:int=0)->dict:
     "Samples/s (and new tokens/s) for GSM8K prompts at `n` samples each with the engine."
@@ -811,7 +951,8 @@ def write_index(out_dir, preset:str, summaries:list)->Path:
 STAGES = dict(world=stage_world, tokenizer=stage_tokenizer, curate=stage_curate, decontam=stage_decontam,
               mixture=stage_mixture, model=stage_model, evals=stage_evals, longctx=stage_longctx,
               synth=stage_synth, generate=stage_generate, serve=stage_serve, smollm2=stage_smollm2,
-              pretrain=stage_pretrain, midtrain=stage_midtrain, sft=stage_sft, dpo=stage_dpo, train=stage_train)
+              pretrain=stage_pretrain, midtrain=stage_midtrain, sft=stage_sft, dpo=stage_dpo, train=stage_train,
+              ablate=stage_ablate)
 
 def reproduce(preset:str='smoke',
               stages:list|None=None,   # default: the main stages (`MAIN`), in dependency order

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .config import flops_per_token
-from .core import atomic_write_json
+from .core import atomic_write_json, atomic_write_bytes
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'LOG_FIELDS', 'TrainConfig', 'lr_factor', 'param_groups', 'make_optimizer', 'lm_loss',
            'IncompatibleCheckpoint', 'check_compatible', 'setup_model', 'device_peak', 'Trainer', 'fit', 'read_log',
-           'bench_train']
+           'read_evals', 'bench_train']
 
 # %% ../nbs/20_train.ipynb #a6c7e8f9
 @dataclass
@@ -153,7 +153,9 @@ class Trainer:
                  cfg:TrainConfig, out_dir,
                  loss_fn=lm_loss,                  # (model, batch) -> (loss, tokens)
                  seq_len:int|None=None,            # for FLOPs per token (default: the batch's length)
-                 progress:bool=True):
+                 progress:bool=True,
+                 evaluate=None,                    # evaluate(model) -> {name: number}, logged to evals.csv
+                 eval_every:int=0):                # steps between evaluations (0: only at the end)
         from accelerate.utils import set_seed
         prec = cfg.precision if cfg.precision != 'auto' else 'bf16' if torch.cuda.is_available() else 'no'
         self.acc = _accelerator(prec)
@@ -169,6 +171,7 @@ class Trainer:
         self.acc.register_for_checkpointing(self.sched, loader)
         self.seq_len, self.step = seq_len, 0
         self.peak = cfg.peak_flops or device_peak(self.acc)
+        self.evaluate, self.eval_every = evaluate, eval_every
 
 # %% ../nbs/20_train.ipynb #b6d7e8f9
 def _save(self:Trainer):
@@ -218,6 +221,10 @@ def _open_log(self:Trainer):
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out/'tensorboard'), purge_step=self.step + 1)
         except ImportError: pass                                  # tensorboard is optional
+    ev = self.out/'evals.jsonl'
+    if ev.exists() and self.acc.is_main_process:                  # evaluations after the checkpoint are redone
+        keep = [r for r in ev.read_text().splitlines() if r and json.loads(r)['step'] <= self.step]
+        atomic_write_bytes(ev, ''.join(r + '\n' for r in keep).encode())
     return path
 
 def _log(self:Trainer, path, row:dict):
@@ -227,7 +234,18 @@ def _log(self:Trainer, path, row:dict):
         for k in ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu'):
             if row[k] != '': self.tb.add_scalar(f"train/{k}", row[k], row['step'])
 
-Trainer._open_log, Trainer._log = _open_log, _log
+@torch.no_grad()
+def _eval(self:Trainer):
+    "Run `evaluate` on the unwrapped model (main process only) and append its numbers to `evals.jsonl`."
+    if not self.acc.is_main_process: return
+    m = self.acc.unwrap_model(self.model); m.eval()
+    res = {k: float(v) for k, v in self.evaluate(m).items()}
+    m.train()
+    with open(self.out/'evals.jsonl', 'a') as f: f.write(json.dumps(dict(step=self.step, **res)) + '\n')
+    if self.tb is not None:
+        for k, v in res.items(): self.tb.add_scalar(f"eval/{k}", v, self.step)
+
+Trainer._open_log, Trainer._log, Trainer._eval = _open_log, _log, _eval
 
 # %% ../nbs/20_train.ipynb #b8d9e0f1
 def _micro_batch(self:Trainer)->dict:
@@ -269,6 +287,8 @@ def fit(self:Trainer)->dict:
                    seconds=round(dt, 4), tokens_per_s=round(tokens_all / dt, 1), mfu=mfu and round(mfu, 4))
         if self.step % cfg.log_every == 0 or self.step == cfg.steps: self._log(log, row)
         bar.update(1); bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}")
+        if self.evaluate and ((self.eval_every and self.step % self.eval_every == 0) or self.step == cfg.steps):
+            self._eval()
         if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps: self._save()
     bar.close()
     if self.tb is not None: self.tb.close()
@@ -281,6 +301,11 @@ def read_log(out_dir)->list[dict]:
     "The rows of a run's `log.csv`, numbers as numbers."
     with open(Path(out_dir)/'log.csv') as f:
         return [{k: (float(v) if v not in ('', None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
+
+def read_evals(out_dir)->list[dict]:
+    "The rows of a run's `evals.jsonl` (empty when it evaluated nothing)."
+    p = Path(out_dir)/'evals.jsonl'
+    return [json.loads(r) for r in p.read_text().splitlines() if r] if p.exists() else []
 
 # %% ../nbs/20_train.ipynb #c6e7f8a1
 def bench_train(model, hf_model, batch:int=8, seq_len:int=256, steps:int=5, repeats:int=3, label:str='',

@@ -621,6 +621,7 @@ def render_quiz(rng, facts:list[Fact], pool:dict, wrong:bool)->tuple[str, bool]:
 WORLD_PRESETS = {
     'tiny':  dict(n_entities=60, n_docs=400, n_test=20, json_keys=(8, 16, 32), arith_steps=(1, 3), max_num=20),
     'smoke': dict(n_entities=600, n_docs=20000, n_test=200, json_keys=(16, 64, 256), arith_steps=(1, 4), max_num=30),
+    'easy':  dict(n_entities=30, n_docs=2500, n_test=200, json_keys=(16, 64, 256), arith_steps=(1, 2), max_num=10),
     'gpu':   dict(n_entities=3000, n_docs=200000, n_test=500, json_keys=(64, 256, 1024), arith_steps=(1, 6),
                   max_num=100),
 }
@@ -768,7 +769,7 @@ def _json_tests(cfg:WorldConfig)->tuple[list[dict], set]:
 class World:
     "A seeded TinyWorld: knowledge base, train items, held-out test items and organic documents."
     def __init__(self, seed:int=0, # world seed
-                 preset:str='tiny', # size preset: tiny | smoke | gpu
+                 preset:str='tiny', # size preset: tiny | smoke | easy | gpu
                  **overrides): # any `WorldConfig` knob
         self.cfg = c = world_config(preset, seed, **overrides)
         self.entities, self.facts = make_kb(rng_for(seed, 'kb'), c.n_entities)
@@ -996,7 +997,7 @@ def _world_manifest(w:World, docs:list[dict], cfg:dict, h:str, files:dict, t0:fl
 
 # %% ../nbs/10_world.ipynb #250803be
 def build_world(out_dir, # folder to write into
-                preset:str='smoke', # world preset: tiny | smoke | gpu
+                preset:str='smoke', # world preset: tiny | smoke | easy | gpu
                 seed:int=0, # world seed
                 force:bool=False, # rebuild even if a matching manifest exists
                 **overrides)->dict: # any `WorldConfig` knob

@@ -88,3 +88,26 @@ def test_bad_input():
     with pytest.raises(ValueError, match='unknown reports'): R.reproduce('tiny', stages=[], reports=['nope'])
     with pytest.raises(ValueError): R.reproduce('no-such-preset', stages=[], reports=[])
     with pytest.raises(ValueError, match='kind'): R.write_summary('.', 'x', 't', 's', 'v', None, [], kind='other')
+
+def test_ablations_build_their_own_data_and_arms(tiny):
+    "The ablate stage: the easy-level data in its own folder, disjoint web halves, every arm's mixture and scores."
+    root, res, _ = tiny
+    m, d = res['stages']['ablate'], root/'artifacts'/'tiny'/'ablate'
+    run = R.Run('tiny', root=root/'artifacts')
+    cfg = R.STAGE_SETTINGS['tiny']['ablate']
+    assert (d/'data'/'tiny'/'world'/'done.json').exists() and not (d/'data'/'tiny'/'tokenizer').exists()
+    assert m['pools']['web'] > 0 and m['pools']['web_fresh'] > 0 and m['pools']['synthetic_fixed'] >= 50
+    from phi4_nb.mixture import load_manifest
+    man = load_manifest(d/'corpus')
+    assert set(man['sources']) >= {'web', 'web_fresh', 'synthetic', 'synthetic_fixed', 'code', 'long', 'short'}
+    assert set(m['arms']) == set(cfg['arms'])
+    for name, a in m['arms'].items():
+        assert abs(sum(a['mixture'].values()) - 1) < 1e-9 and abs(a['mixture']['code'] - 0.25) < 1e-9
+        assert (d/'arms'/name/'hf'/'config.json').exists() and (d/'arms'/name/'scores.jsonl').exists()
+        assert {'knowledge', 'arith'} <= set(a['mcq']) and a['loss']['arith'] > 0
+    assert m['arms']['S']['mixture'] == {'synthetic': 0.75, 'code': 0.25}
+    f2 = m['fig2']
+    assert len(f2) == len(cfg['fig2']['epochs']) * len(cfg['fig2']['seeds'])
+    assert all(set(r['mixture']) == {'synthetic_fixed', 'web_fresh'} and r['curve'] for r in f2.values())
+    assert m['midtrain']['long']['rope_theta'] == 250000.0 and set(m['midtrain']) == {'base', 'long', 'short'}
+    assert R.done_hash(run, 'ablate') is not None

@@ -1,4 +1,4 @@
-"""The trainer: exact resume after SIGKILL, the same losses on 2 ranks (DDP over gloo, torchrun) as on 1, and clear
+"""The trainer: exact resume after SIGKILL (its loss log and its evaluations), the same losses on 2 ranks (DDP over gloo, torchrun) as on 1, and clear
 errors for checkpoints of another run.
 
 Run: pytest tests/test_train.py
@@ -38,7 +38,9 @@ if slow:                                               # time to be killed betwe
     nb = loader.next_batch
     loader.next_batch = lambda: (time.sleep(slow), nb())[1]
 cfg = TrainConfig(steps=steps, warmup_steps=3, lr=3e-3, ckpt_every=4, grad_accum=2)
-Trainer(model, loader, cfg, out, progress=False).fit()
+held = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+ev = lambda m: dict(loss=torch.nn.functional.cross_entropy(m(held[:, :-1]).flatten(0, 1), held[:, 1:].flatten()))
+Trainer(model, loader, cfg, out, progress=False, evaluate=ev, eval_every=3).fit()
 '''
 
 
@@ -70,6 +72,9 @@ def test_a_run_killed_by_sigkill_resumes_to_the_same_loss_curve(job, tmp_path):
     _run(job, tmp_path/"killed")                                             # the same command, again
     assert _rows(tmp_path/"killed") == _rows(tmp_path/"whole")               # bit for bit
     assert [r[0] for r in _rows(tmp_path/"whole")] == list(range(1, 13))
+    from phi4_nb.train import read_evals                                     # evaluations after the checkpoint redone
+    assert read_evals(tmp_path/"killed") == read_evals(tmp_path/"whole")
+    assert [r["step"] for r in read_evals(tmp_path/"whole")] == [3, 6, 9, 12]
     left = sorted(x.name for x in (tmp_path/"killed"/"checkpoints").iterdir())
     assert left == ["step-00000008", "step-00000012"]                       # the newest two, no temporary folder
 
