@@ -31,8 +31,9 @@ _SMOKE = dict(
                amc_max_tokens=256, dtype='float32', compile=True,    # float32: bfloat16 is slow without AMX units
                # SmolLM2 is 20x bigger: fewer samples, and eager (compiling each new shape costs more than it saves);
                # the untrained initialisation is the floor, one sample per item is enough for it
-               per_model={'SmolLM2-135M-Instruct': dict(n=1, amc_tests=2, compile=False), 'init': dict(n=1, amc_n=1)}),
-    longctx=dict(models=('init', 'SmolLM2-135M-Instruct'), n=6, multiples=(1, 2), base_ctx=1024, dtype='float32'),
+               per_model={'SmolLM2-135M-Instruct': dict(n=1, amc_tests=2, compile=False),
+                          'init': dict(n=1, amc_n=1, amc_tests=2)}),
+    longctx=dict(models=('init', 'SmolLM2-135M-Instruct'), n=4, multiples=(1, 2), base_ctx=1024, dtype='float32'),
     generate=dict(smollm2=True, repeats=3, scenarios=[
         dict(model=m, dtype=dt, compile=c, batch=32, n=n, prompt_len=pl, max_tokens=mt, temperature=0.5, top_p=tp)
         for m, dt, c, n, pl, mt, tp in [
@@ -46,7 +47,7 @@ _SMOKE = dict(
             ('SmolLM2-135M-Instruct', 'bfloat16', True, 1, 64, 256, 1.0)]]),
     synth=dict(seeds=3000, questions=400, n=8, slip_rate=0.3, temperature=0.8, rounds=2, turns=2,   # TinyWorld teacher
                per_workflow=dict(qa=400, rewrite=200, revise=200, agents=100, reversal=150, web_rewrite=300, fim=200),
-               smollm2=dict(items=2, n=4, max_tokens=96, rounds=1, turns=1)),    # SmolLM2 on the first seeds of each
+               smollm2=dict(items=1, n=4, max_tokens=96, rounds=1, turns=1)),    # SmolLM2 on the first seed of each
     pretrain=dict(steps=300, batch=8, seq_len=256, lr=2e-3, warmup=30, ckpt_every=50),
     midtrain=dict(steps=40, batch=4, lr=2e-4, warmup=4, ckpt_every=20, rope_theta=250000.0, long_source='code',
                   long_share=0.3),
@@ -67,8 +68,8 @@ _SMOKE = dict(
                            num_key_value_heads=1),
                 steps=150, batch=16, seq_len=128, lr=3e-3, fixed=dict(code=0.25),
                 arms=('final', 'uniform', 'S', 'S+WR', 'S+W'),
-                fig2=dict(start='S+W', steps=100, lr=1e-3, unique_tokens=12000, epochs=(4, 12), seeds=(0, 1),
-                          eval_every=50),
+                fig2=dict(start='S+W', steps=80, lr=1e-3, unique_tokens=10000, epochs=(4, 12), seeds=(0, 1),
+                          eval_every=40),
                 midtrain=dict(start='final', steps=30, batch=8, lr=3e-4, rope_theta=250000.0, long_share=0.3,
                               recall_n=20, multiples=(1, 2, 4))))
 
