@@ -1,5 +1,6 @@
-"""The trainer: exact resume after SIGKILL (its loss log and its evaluations), the same losses on 2 ranks (DDP over gloo, torchrun) as on 1, and clear
-errors for checkpoints of another run.
+"""The trainer: exact resume after SIGKILL (its loss log and its evaluations), the same losses on 2 ranks (DDP over
+gloo, torchrun) as on 1, the model under FSDP2 on 2 CPU ranks with the 1-rank losses, and clear errors for
+checkpoints of another run.
 
 Run: pytest tests/test_train.py
 """
@@ -123,3 +124,48 @@ def test_a_trainer_after_another_librarys_accelerator_in_the_same_process(tmp_pa
     assert t.acc.mixed_precision == "no"
     t.fit()
     assert len(read_log(tmp_path)) == 2
+
+
+FSDP_JOB = r'''
+import os, sys, torch, torch.distributed as dist
+from phi4_nb.config import get_config
+from phi4_nb.model import Phi4ForCausalLM
+from phi4_nb.train import lm_loss
+world = int(os.environ.get('WORLD_SIZE', 1))
+if world > 1:
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group('gloo')
+rank = dist.get_rank() if world > 1 else 0
+torch.manual_seed(0)
+model = Phi4ForCausalLM(get_config('tiny', vocab_size=256))
+if world > 1:                                   # FSDP2: each decoder layer, then the rest, sharded over the ranks
+    for layer in model.model.layers: fully_shard(layer)
+    fully_shard(model)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+starts = torch.randint(0, 256, (4, 8, 1), generator=torch.Generator().manual_seed(0))
+data = (starts + torch.arange(33)) % 256                  # counting rows: something to learn in four steps
+losses = []
+for step in range(4):
+    rows = data[step][rank * 8 // world:(rank + 1) * 8 // world]
+    loss, _ = lm_loss(model, dict(input_ids=rows[:, :-1], labels=rows[:, 1:]))
+    loss.backward(); opt.step(); opt.zero_grad()
+    l = loss.detach().clone()
+    if world > 1: dist.all_reduce(l); l /= world
+    losses.append(l.item())
+if rank == 0: print(' '.join(map(repr, losses)))
+if world > 1: dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_shards_the_model_over_two_cpu_ranks_with_the_one_rank_losses(tmp_path):
+    "The model under torch's FSDP2 (`fully_shard`, gloo): the 1-rank losses at the same global batch. accelerate "
+    "itself enables FSDP only on accelerator devices, so on GPUs the trainer gets it from `accelerate launch --use_fsdp`."
+    job = tmp_path/'fsdp.py'; job.write_text(FSDP_JOB)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(job)], env=env, capture_output=True, text=True, check=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(job)], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = [float(x) for x in one.stdout.split()]; b = [float(x) for x in two.stdout.split()]
+    assert len(a) == len(b) == 4 and a[-1] < a[0]
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
