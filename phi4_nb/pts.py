@@ -12,7 +12,7 @@ from .dpo import model_hash
 
 # %% auto #0
 __all__ = ['split_point', 'pivotal_token_search', 'Estimate', 'RolloutEstimator', 'estimate', 'differs', 'next_tokens',
-           'token_pair', 'keep_queries', 'pairs_dataset']
+           'token_pair', 'keep_queries', 'pairs_dataset', 'bench_pts']
 
 # %% ../nbs/30_pts.ipynb #aabeda0a
 def split_point(a:int, b:int, logprobs:list|None=None)->int:
@@ -184,3 +184,46 @@ def pairs_dataset(pairs:list[dict], tokenizer=None):
                  ci_before=p['prefix']['ci'], ci_chosen=p['chosen']['ci'], ci_rejected=p['rejected']['ci'],
                  position=p['position']) for p in pairs]
     return datasets.Dataset.from_list(rows)
+
+# %% ../nbs/30_pts.ipynb #9cae0123
+def bench_pts(model, hf_model, tokenizer, prompt_ids:list, completion_ids:list, n:int=32, max_tokens:int=64,
+              prefixes:int=8, repeats:int=1, seed:int=0)->list[dict]:
+    "Rollouts/s of `RolloutEstimator` and of decode + re-encode + HF `generate` (batches of 5); one row per side."
+    import tempfile, time, torch
+    from pathlib import Path
+    from phi4_nb.generate import stop_ids
+    k = len(completion_ids)
+    cuts = sorted({round(i * k / prefixes) for i in range(prefixes)})
+    pre = [list(prompt_ids) + list(completion_ids[:c]) for c in cuts]
+    stops = sorted(stop_ids(tokenizer, SamplingParams()))
+    def ours():
+        with tempfile.TemporaryDirectory() as d:
+            est = RolloutEstimator(model, tokenizer, lambda p, r: True, Path(d)/'r.sqlite', 'bench', n=n, chunk=n,
+                                   max_tokens=max_tokens, seed=seed, max_batch=max(n, 64))
+            est.estimate(pre)
+            return est.sampled
+    changed = sum(tokenizer.encode(tokenizer.decode(p), add_special_tokens=False) != p for p in pre)
+    @torch.inference_mode()
+    def peer():
+        done = 0; torch.manual_seed(seed)
+        for p in pre:
+            ids = torch.tensor([tokenizer.encode(tokenizer.decode(p), add_special_tokens=False)])
+            for _ in range(-(-n // 5)):
+                out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                        top_p=1.0, top_k=0, max_new_tokens=max_tokens, num_return_sequences=5,
+                                        eos_token_id=stops or None, pad_token_id=stops[0] if stops else 0)
+                done += len(out)
+        return done
+    t = {'phi4_nb': [], 'peer': []}
+    count = {}
+    for _ in range(repeats):
+        for side, fn in (('phi4_nb', ours), ('peer', peer)):
+            t0 = time.perf_counter(); count[side] = fn(); t[side].append(time.perf_counter() - t0)
+    rows = []
+    for side in t:
+        s = min(t[side])
+        rows.append(dict(side=side, prefixes=len(pre), rollouts=count[side], max_tokens=max_tokens, seconds=round(s, 3),
+                         rollouts_per_s=round(count[side] / s, 2), seconds_per_solution=round(s, 3),
+                         ids_changed_by_text=changed if side == 'peer' else 0))
+    for r in rows: r['speedup'] = round(rows[0]['rollouts_per_s'] / rows[1]['rollouts_per_s'], 2)
+    return rows

@@ -16,10 +16,11 @@ from .core import (artifact_dir, atomic_write_json, atomic_write_text, run_manif
 # %% auto #0
 __all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'TRUE_TYPE', 'STAGES', 'Run', 'done_hash', 'stage_hash', 'run_stage',
            'stage_world', 'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model',
-           'load_lm', 'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_train', 'stage_serve',
-           'stage_synth', 'heldout_loss', 'unigram_loss', 'stage_pretrain', 'stage_midtrain', 'stage_sft', 'stage_dpo',
-           'stage_ablate', 'stage_smollm2', 'reports_dir', 'save_figure', 'save_table', 'published', 'write_summary',
-           'report_params', 'run_report', 'write_index', 'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
+           'load_lm', 'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_train', 'stage_pts_bench',
+           'stage_serve', 'stage_synth', 'heldout_loss', 'unigram_loss', 'stage_pretrain', 'stage_midtrain',
+           'stage_sft', 'stage_dpo', 'stage_ablate', 'stage_smollm2', 'reports_dir', 'save_figure', 'save_table',
+           'published', 'write_summary', 'report_params', 'run_report', 'write_index', 'reproduce', 'reproduce_cli',
+           'build_docs', 'docs_cli']
 
 # %% ../nbs/50_reproduce.ipynb #76b3a8c5
 _SMOKE = dict(
@@ -56,6 +57,7 @@ _SMOKE = dict(
     dpo=dict(steps=30, batch=8, lr=5e-5, warmup=3, ckpt_every=10, beta=0.1, loss_type='sigmoid', heldout_share=0.2,
              weight_decay=0.0),
     train=dict(batch=8, seq_len=256, steps=4, repeats=3, compile=(False, True)),
+    pts_bench=dict(n=32, max_tokens=64, prefixes=8, repeats=2),
     serve=dict(model='SmolLM2-135M-Instruct', requests=32, max_tokens=32, concurrency=(1, 16), repeats=2,
                temperature=0.5),
     smollm2=dict(limits=dict(gsm8k=100, math=50, humaneval=164, throughput=16, gsm8k_8shot=50),
@@ -84,6 +86,7 @@ STAGE_SETTINGS = {
              'serve': dict(model='init', requests=8, max_tokens=4, concurrency=(1, 4), repeats=1, temperature=0.5),
              'pretrain': dict(steps=12, batch=4, seq_len=64, lr=3e-3, warmup=2, ckpt_every=6),
              'train': dict(batch=2, seq_len=32, steps=1, repeats=1, compile=(False,)),
+             'pts_bench': dict(n=5, max_tokens=4, prefixes=2, repeats=1),
              'midtrain': dict(_SMOKE['midtrain'], steps=4, batch=2, warmup=1, ckpt_every=2),
              'sft': dict(_SMOKE['sft'], steps=6, batch=2, seq_len=128, warmup=1, ckpt_every=3, eval_items=8),
              'dpo': dict(_SMOKE['dpo'], steps=4, batch=2, warmup=1, ckpt_every=2),
@@ -107,7 +110,7 @@ DEPENDS = {'world': (), 'tokenizer': ('world',), 'curate': ('world',), 'decontam
            'evals': ('world', 'model'), 'longctx': ('model',), 'generate': ('model',), 'serve': ('model',),
            'synth': ('world', 'tokenizer', 'curate'), 'pretrain': ('world', 'tokenizer', 'mixture'),
            'midtrain': ('pretrain',), 'sft': ('midtrain', 'synth'), 'dpo': ('sft',), 'train': ('model',),
-           'smollm2': (), 'ablate': ('tokenizer',)}
+           'smollm2': (), 'ablate': ('tokenizer',), 'pts_bench': ('model',)}
 MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'synth', 'mixture', 'pretrain', 'midtrain', 'sft', 'dpo', 'ablate',
         'model', 'evals', 'longctx')
 
@@ -373,6 +376,29 @@ def stage_train(run, out, cfg):
     buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
     atomic_write_text(out/'train.csv', buf.getvalue())
     if run.preset == 'smoke': atomic_write_text(repo_root()/'reports'/'data'/'bench'/'train.csv', buf.getvalue())
+    return dict(results=rows)
+
+# %% ../nbs/50_reproduce.ipynb #73d6b5de
+def stage_pts_bench(run, out, cfg):
+    import csv, io
+    from transformers import AutoModelForCausalLM
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.pts import bench_pts
+    from phi4_nb.generate import Engine, SamplingParams
+    from phi4_nb.tokenizer import load_tokenizer, encode_chat
+    tok = load_tokenizer(run.dir('tokenizer'))
+    ours = Phi4ForCausalLM.from_hf(run.dir('model')/'hf')
+    hf = AutoModelForCausalLM.from_pretrained(run.dir('model')/'hf', dtype=torch.float32).eval()
+    q = _heldout(run)[0][0]
+    prompt = encode_chat(tok, [dict(role='user', content=q)], add_generation_prompt=True)
+    comp = Engine(ours, tok).generate([prompt], SamplingParams(max_tokens=cfg['max_tokens'], seed=run.seed,
+                                                                stop_token_ids=[]))[0].completions[0].token_ids
+    rows = bench_pts(ours, hf, tok, prompt, comp, n=cfg['n'], max_tokens=cfg['max_tokens'], prefixes=cfg['prefixes'],
+                     repeats=cfg['repeats'], seed=run.seed)
+    print(rows, flush=True)
+    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+    atomic_write_text(out/'pts.csv', buf.getvalue())
+    if run.preset == 'smoke': atomic_write_text(repo_root()/'reports'/'data'/'bench'/'pts.csv', buf.getvalue())
     return dict(results=rows)
 
 # %% ../nbs/50_reproduce.ipynb #d7750e70
@@ -953,7 +979,7 @@ STAGES = dict(world=stage_world, tokenizer=stage_tokenizer, curate=stage_curate,
               mixture=stage_mixture, model=stage_model, evals=stage_evals, longctx=stage_longctx,
               synth=stage_synth, generate=stage_generate, serve=stage_serve, smollm2=stage_smollm2,
               pretrain=stage_pretrain, midtrain=stage_midtrain, sft=stage_sft, dpo=stage_dpo, train=stage_train,
-              ablate=stage_ablate)
+              ablate=stage_ablate, pts_bench=stage_pts_bench)
 
 def reproduce(preset:str='smoke',
               stages:list|None=None,   # default: the main stages (`MAIN`), in dependency order
