@@ -4,11 +4,10 @@
 
 # %% ../nbs/21_ablate.ipynb #2ce3da70
 from __future__ import annotations
-import json, math, random
-from pathlib import Path
+import json, random
 import numpy as np
 import torch
-from .world import World, TEST_QUESTIONS, make_json_kv
+from .world import World, TEST_QUESTIONS
 from .evals import bootstrap_ci
 
 # %% auto #0

@@ -78,7 +78,7 @@ class RolloutEstimator:
                  max_n:int=128, # the adaptive mode's most
                  chunk:int=8, temperature:float=1.0, top_p:float=1.0, max_tokens:int=256, seed:int=0,
                  max_batch:int=64):
-        if n < 1 or chunk < 1 or max_n < n: raise ValueError(f"need n >= 1, chunk >= 1 and max_n >= n")
+        if n < 1 or chunk < 1 or max_n < n: raise ValueError("need n >= 1, chunk >= 1 and max_n >= n")
         self.engine, self.oracle = Engine(model, tokenizer, max_batch=max_batch), oracle
         self.n, self.max_n, self.chunk = n, max_n, chunk
         self.params = SamplingParams(n=chunk, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
@@ -223,7 +223,7 @@ def bench_pts(model, hf_model, tokenizer, prompt_ids:list, completion_ids:list, 
     for side in t:
         s = min(t[side])
         rows.append(dict(side=side, prefixes=len(pre), rollouts=count[side], max_tokens=max_tokens, seconds=round(s, 3),
-                         rollouts_per_s=round(count[side] / s, 2), seconds_per_solution=round(s, 3),
+                         rollouts_per_s=round(count[side] / s, 2),
                          ids_changed_by_text=changed if side == 'peer' else 0))
     for r in rows: r['speedup'] = round(rows[0]['rollouts_per_s'] / rows[1]['rollouts_per_s'], 2)
     return rows
