@@ -57,7 +57,7 @@ lab: install
 
 # benchmarks and the SmolLM2 evaluation write committed data under reports/data/ (they are not part of the main job)
 bench: install
-	$(OFFLINE) $(BIN)/phi4_reproduce --preset $(PRESET) --stages world,tokenizer,model,generate,serve,train,pts_bench --reports bench_generate,bench_serve,bench_train
+	$(OFFLINE) $(BIN)/phi4_reproduce --preset $(PRESET) --stages world,tokenizer,model,generate,serve,train,pts_bench,ablate,posttrain,pts_yield --reports bench_generate,bench_serve,bench_train,bench_pts
 
 evals-smollm2: install
 	$(OFFLINE) $(BIN)/phi4_reproduce --preset $(PRESET) --stages smollm2 --reports tab01_simple_evals

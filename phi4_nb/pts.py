@@ -11,8 +11,8 @@ from .generate import Engine, SamplingParams
 from .dpo import model_hash
 
 # %% auto #0
-__all__ = ['split_point', 'pivotal_token_search', 'Estimate', 'RolloutEstimator', 'estimate', 'differs', 'next_tokens',
-           'token_pair', 'keep_queries', 'pairs_dataset', 'bench_pts']
+__all__ = ['split_point', 'pivotal_token_search', 'Estimate', 'RolloutEstimator', 'estimate', 'used', 'differs', 'next_tokens',
+           'token_pair', 'keep_queries', 'pairs_dataset', 'bench_pts', 'bench_adaptive']
 
 # %% ../nbs/30_pts.ipynb #aabeda0a
 def split_point(a:int, b:int, logprobs:list|None=None)->int:
@@ -87,6 +87,7 @@ class RolloutEstimator:
         self.store = SQLiteStore(cache, "CREATE TABLE IF NOT EXISTS rollouts (key TEXT, k INTEGER, first INTEGER, "
                                         "success INTEGER, PRIMARY KEY (key, k))")
         self.sampled = 0                                    # rollouts this object generated (not read from the cache)
+        self.asked = set()                                  # keys of the prefixes estimated since `asked` was cleared
 
     def key(self, ids:list)->str:
         return hashlib.sha256((self.base + json.dumps(list(map(int, ids)))).encode()).hexdigest()
@@ -123,8 +124,14 @@ def estimate(self:RolloutEstimator, prefixes:list, n:int|None=None)->list[Estima
     out = []
     for ids in prefixes:
         r = self.rows(ids)
+        self.asked.add(self.key(ids))
         out.append(Estimate(sum(x[2] for x in r), len(r)))
     return out
+
+def used(self:RolloutEstimator)->int:
+    "Rollouts behind the estimates asked for since `asked` was cleared, cached or new (a rollout budget)."
+    con = self.store.con()
+    return sum(con.execute("SELECT COUNT(*) FROM rollouts WHERE key = ?", (k,)).fetchone()[0] for k in self.asked)
 
 def __call__(self:RolloutEstimator, ids:list)->float: return self.estimate([ids])[0].p
 
@@ -146,7 +153,7 @@ def next_tokens(self:RolloutEstimator, ids:list)->dict[int, tuple[int, int]]:
     return out
 
 RolloutEstimator._sample, RolloutEstimator.estimate, RolloutEstimator.__call__ = _sample, estimate, __call__
-RolloutEstimator.differs, RolloutEstimator.next_tokens = differs, next_tokens
+RolloutEstimator.differs, RolloutEstimator.next_tokens, RolloutEstimator.used = differs, next_tokens, used
 
 # %% ../nbs/30_pts.ipynb #c2a679ed
 def token_pair(est:RolloutEstimator, prefix_ids:list, pivot:dict|None=None, p_gap:float=0.2,
@@ -187,7 +194,8 @@ def pairs_dataset(pairs:list[dict], tokenizer=None):
 
 # %% ../nbs/30_pts.ipynb #9cae0123
 def bench_pts(model, hf_model, tokenizer, prompt_ids:list, completion_ids:list, n:int=32, max_tokens:int=64,
-              prefixes:int=8, repeats:int=1, seed:int=0)->list[dict]:
+              prefixes:int=8, repeats:int=1, seed:int=0,
+              max_batch:int=256)->list[dict]: # our engine's batch: every prefix's rollouts together
     "Rollouts/s of `RolloutEstimator` and of decode + re-encode + HF `generate` (batches of 5); one row per side."
     import tempfile, time, torch
     from pathlib import Path
@@ -199,7 +207,7 @@ def bench_pts(model, hf_model, tokenizer, prompt_ids:list, completion_ids:list, 
     def ours():
         with tempfile.TemporaryDirectory() as d:
             est = RolloutEstimator(model, tokenizer, lambda p, r: True, Path(d)/'r.sqlite', 'bench', n=n, chunk=n,
-                                   max_tokens=max_tokens, seed=seed, max_batch=max(n, 64))
+                                   max_tokens=max_tokens, seed=seed, max_batch=max(n, max_batch))
             est.estimate(pre)
             return est.sampled
     changed = sum(tokenizer.encode(tokenizer.decode(p), add_special_tokens=False) != p for p in pre)
@@ -226,4 +234,31 @@ def bench_pts(model, hf_model, tokenizer, prompt_ids:list, completion_ids:list, 
                          rollouts_per_s=round(count[side] / s, 2),
                          ids_changed_by_text=changed if side == 'peer' else 0))
     for r in rows: r['speedup'] = round(rows[0]['rollouts_per_s'] / rows[1]['rollouts_per_s'], 2)
+    return rows
+
+# %% ../nbs/30_pts.ipynb #a26463a1
+def bench_adaptive(model, tokenizer, oracle, prompts:list[list], completions:list[list],
+                   estimators:dict|None=None, # name -> (n, max_n)
+                   p_gap:float=0.2, chunk:int=8, max_tokens:int=64, temperature:float=1.0, seed:int=0,
+                   max_batch:int=128)->list[dict]:
+    "Pivotal tokens found per 1,000 rollouts on the same solutions under each estimator; one row per estimator."
+    import tempfile, time
+    from pathlib import Path
+    estimators = estimators or {'fixed 16': (16, 16), 'adaptive 16-48': (16, 48), 'fixed 48': (48, 48)}
+    found, rows = {}, []
+    for name, (n, max_n) in estimators.items():
+        with tempfile.TemporaryDirectory() as d:
+            est = RolloutEstimator(model, tokenizer, oracle, Path(d)/'r.sqlite', getattr(oracle, 'id', 'oracle'), n=n,
+                                   max_n=max_n, chunk=chunk, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                                   max_batch=max_batch)
+            t0 = time.perf_counter()
+            found[name] = {(i, f['position']) for i, (p, c) in enumerate(zip(prompts, completions))
+                           for f in pivotal_token_search(p, c, est, p_gap=p_gap,
+                                                         differs=est.differs if max_n > n else None)}
+            k = len(found[name])
+            rows.append(dict(estimator=name, n=n, max_n=max_n, solutions=len(prompts), pivots=k, rollouts=est.sampled,
+                             pivots_per_1000=round(1000 * k / max(1, est.sampled), 3),
+                             seconds=round(time.perf_counter() - t0, 2)))
+    ref = max(estimators, key=lambda k: (estimators[k][0] == estimators[k][1], estimators[k][1]))
+    for r in rows: r['also_in_' + ref.replace(' ', '_')] = len(found[r['estimator']] & found[ref])
     return rows

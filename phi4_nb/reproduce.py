@@ -17,10 +17,10 @@ from .core import (artifact_dir, atomic_write_json, atomic_write_text, run_manif
 __all__ = ['STAGE_SETTINGS', 'DEPENDS', 'MAIN', 'TRUE_TYPE', 'STAGES', 'Run', 'done_hash', 'stage_hash', 'run_stage',
            'stage_world', 'stage_tokenizer', 'stage_curate', 'stage_decontam', 'stage_mixture', 'stage_model',
            'load_lm', 'stage_evals', 'run_eval_', 'stage_longctx', 'stage_generate', 'stage_train', 'stage_pts_bench',
-           'stage_serve', 'stage_synth', 'heldout_loss', 'unigram_loss', 'stage_pretrain', 'stage_midtrain',
-           'stage_sft', 'stage_dpo', 'stage_ablate', 'stage_smollm2', 'reports_dir', 'save_figure', 'save_table',
-           'published', 'write_summary', 'report_params', 'run_report', 'write_index', 'reproduce', 'reproduce_cli',
-           'build_docs', 'docs_cli']
+           'stage_pts_yield', 'stage_serve', 'stage_synth', 'heldout_loss', 'unigram_loss', 'stage_pretrain',
+           'stage_midtrain', 'stage_sft', 'stage_dpo', 'stage_ablate', 'stage_posttrain', 'stage_smollm2',
+           'reports_dir', 'save_figure', 'save_table', 'published', 'write_summary', 'report_params', 'run_report',
+           'write_index', 'reproduce', 'reproduce_cli', 'build_docs', 'docs_cli']
 
 # %% ../nbs/50_reproduce.ipynb #76b3a8c5
 _SMOKE = dict(
@@ -28,12 +28,12 @@ _SMOKE = dict(
     decontam=dict(stdlib_files=200, reference_seeds=(1001, 1002, 1003), organic_benchmarks=True),
     mixture=dict(stdlib_files=200, shard_tokens=1 << 22),
     model=dict(),
-    evals=dict(models=('init', 'SmolLM2-135M-Instruct'), limit=40, n=2, max_tokens=128, amc_tests=4, amc_n=2,
+    evals=dict(models=('init', 'SmolLM2-135M-Instruct'), limit=16, n=2, max_tokens=128, amc_tests=4, amc_n=2,
                amc_max_tokens=256, dtype='float32', compile=True,    # float32: bfloat16 is slow without AMX units
                # SmolLM2 is 20x bigger: fewer samples, and eager (compiling each new shape costs more than it saves);
                # the untrained initialisation is the floor, one sample per item is enough for it
-               per_model={'SmolLM2-135M-Instruct': dict(n=1, amc_tests=2, compile=False),
-                          'init': dict(n=1, amc_n=1, amc_tests=2)}),
+               per_model={'SmolLM2-135M-Instruct': dict(n=1, amc_tests=1, compile=False),
+                          'init': dict(n=1, amc_n=1, amc_tests=1)}),
     longctx=dict(models=('init', 'SmolLM2-135M-Instruct'), n=4, multiples=(1, 2), base_ctx=1024, dtype='float32'),
     generate=dict(smollm2=True, repeats=3, scenarios=[
         dict(model=m, dtype=dt, compile=c, batch=32, n=n, prompt_len=pl, max_tokens=mt, temperature=0.5, top_p=tp)
@@ -49,7 +49,7 @@ _SMOKE = dict(
     synth=dict(seeds=3000, questions=400, n=8, slip_rate=0.3, temperature=0.8, rounds=2, turns=2,   # TinyWorld teacher
                per_workflow=dict(qa=400, rewrite=200, revise=200, agents=100, reversal=150, web_rewrite=300, fim=200),
                smollm2=dict(items=1, n=4, max_tokens=96, rounds=1, turns=1)),    # SmolLM2 on the first seed of each
-    pretrain=dict(steps=300, batch=8, seq_len=256, lr=2e-3, warmup=30, ckpt_every=50),
+    pretrain=dict(steps=250, batch=8, seq_len=256, lr=2e-3, warmup=25, ckpt_every=50),
     midtrain=dict(steps=40, batch=4, lr=2e-4, warmup=4, ckpt_every=20, rope_theta=250000.0, long_source='code',
                   long_share=0.3),
     sft=dict(base='midtrain', steps=60, batch=8, seq_len=256, lr=5e-4, warmup=6, ckpt_every=20, eval_items=100,
@@ -57,7 +57,8 @@ _SMOKE = dict(
     dpo=dict(steps=30, batch=8, lr=5e-5, warmup=3, ckpt_every=10, beta=0.1, loss_type='sigmoid', heldout_share=0.2,
              weight_decay=0.0),
     train=dict(batch=8, seq_len=256, steps=4, repeats=3, compile=(False, True)),
-    pts_bench=dict(n=32, max_tokens=64, prefixes=8, repeats=2),
+    pts_bench=dict(n=32, max_tokens=64, prefixes=8, repeats=2, max_batch=256),
+    pts_yield=dict(solutions=24, estimators={'fixed 16': (16, 16), 'adaptive 16-48': (16, 48), 'fixed 48': (48, 48)}),
     serve=dict(model='SmolLM2-135M-Instruct', requests=32, max_tokens=32, concurrency=(1, 16), repeats=2,
                temperature=0.5),
     smollm2=dict(limits=dict(gsm8k=100, math=50, humaneval=164, throughput=16, gsm8k_8shot=50),
@@ -73,7 +74,12 @@ _SMOKE = dict(
                 fig2=dict(start='S+W', steps=80, lr=1e-3, unique_tokens=10000, epochs=(4, 12), seeds=(0, 1),
                           eval_every=40),
                 midtrain=dict(start='final', steps=30, batch=8, lr=3e-4, rope_theta=250000.0, long_share=0.3,
-                              recall_n=20, multiples=(1, 2, 4))))
+                              recall_n=20, multiples=(1, 2, 4))),
+    # PTS-DPO against whole-sequence DPO: the ablations' recipe-mixture model, fine-tuned on easy-world problems
+    posttrain=dict(base='final', sft_problems=3000, queries=192, heldout=200, eval_n=8, max_pairs=8, seeds=(0, 1),
+                   sft=dict(steps=200, batch=8, seq_len=256, lr=3e-3, warmup=20, ckpt_every=100, weight_decay=0.0),
+                   pts=dict(n=16, max_n=48, chunk=8, p_gap=0.2, temperature=1.0, max_tokens=64, lo=0.2, hi=0.8),
+                   dpo=dict(steps=30, batch=8, lr=3e-5, beta=0.1, loss_type='sigmoid', warmup=3)))
 
 STAGE_SETTINGS = {
     'tiny': {**_SMOKE, 'world': dict(world_preset='tiny'), 'tokenizer': dict(stdlib_files=20),
@@ -86,7 +92,8 @@ STAGE_SETTINGS = {
              'serve': dict(model='init', requests=8, max_tokens=4, concurrency=(1, 4), repeats=1, temperature=0.5),
              'pretrain': dict(steps=12, batch=4, seq_len=64, lr=3e-3, warmup=2, ckpt_every=6),
              'train': dict(batch=2, seq_len=32, steps=1, repeats=1, compile=(False,)),
-             'pts_bench': dict(n=5, max_tokens=4, prefixes=2, repeats=1),
+             'pts_bench': dict(n=5, max_tokens=4, prefixes=2, repeats=1, max_batch=16),
+             'pts_yield': dict(solutions=2, estimators={'fixed 8': (8, 8), 'adaptive 8-16': (8, 16)}),
              'midtrain': dict(_SMOKE['midtrain'], steps=4, batch=2, warmup=1, ckpt_every=2),
              'sft': dict(_SMOKE['sft'], steps=6, batch=2, seq_len=128, warmup=1, ckpt_every=3, eval_items=8),
              'dpo': dict(_SMOKE['dpo'], steps=4, batch=2, warmup=1, ckpt_every=2),
@@ -97,7 +104,11 @@ STAGE_SETTINGS = {
                             steps=4, batch=2, seq_len=64, fig2=dict(start='S+W', steps=4, lr=1e-3, unique_tokens=50,
                                                                     epochs=(1, 2), seeds=(0,), eval_every=2),
                             midtrain=dict(_SMOKE['ablate']['midtrain'], steps=2, batch=2, recall_n=2,
-                                          multiples=(2, 4)))},
+                                          multiples=(2, 4))),
+             'posttrain': dict(_SMOKE['posttrain'], sft_problems=40, queries=6, heldout=6, eval_n=2, seeds=(0,),
+                               sft=dict(_SMOKE['posttrain']['sft'], steps=4, batch=2, warmup=1, ckpt_every=2),
+                               pts=dict(_SMOKE['posttrain']['pts'], n=8, max_n=8, max_tokens=8, lo=0.0, hi=1.0),
+                               dpo=dict(_SMOKE['posttrain']['dpo'], steps=2, batch=2, warmup=0))},
     'smoke': _SMOKE,
     'gpu': {**_SMOKE, 'world': dict(world_preset='gpu'), 'curate': dict(max_labels=20000),
             'evals': {**_SMOKE['evals'], 'limit': 200, 'n': 4, 'per_model': {}}},
@@ -110,9 +121,10 @@ DEPENDS = {'world': (), 'tokenizer': ('world',), 'curate': ('world',), 'decontam
            'evals': ('world', 'model'), 'longctx': ('model',), 'generate': ('model',), 'serve': ('model',),
            'synth': ('world', 'tokenizer', 'curate'), 'pretrain': ('world', 'tokenizer', 'mixture'),
            'midtrain': ('pretrain',), 'sft': ('midtrain', 'synth'), 'dpo': ('sft',), 'train': ('model',),
-           'smollm2': (), 'ablate': ('tokenizer',), 'pts_bench': ('model',)}
+           'smollm2': (), 'ablate': ('tokenizer',), 'pts_bench': ('model',), 'posttrain': ('tokenizer', 'ablate'),
+           'pts_yield': ('posttrain',)}
 MAIN = ('world', 'tokenizer', 'curate', 'decontam', 'synth', 'mixture', 'pretrain', 'midtrain', 'sft', 'dpo', 'ablate',
-        'model', 'evals', 'longctx')
+        'posttrain', 'model', 'evals', 'longctx')
 
 # %% ../nbs/50_reproduce.ipynb #9c8d7e6f
 @dataclass
@@ -380,7 +392,6 @@ def stage_train(run, out, cfg):
 
 # %% ../nbs/50_reproduce.ipynb #73d6b5de
 def stage_pts_bench(run, out, cfg):
-    import csv, io
     from transformers import AutoModelForCausalLM
     from phi4_nb.model import Phi4ForCausalLM
     from phi4_nb.pts import bench_pts
@@ -394,11 +405,35 @@ def stage_pts_bench(run, out, cfg):
     comp = Engine(ours, tok).generate([prompt], SamplingParams(max_tokens=cfg['max_tokens'], seed=run.seed,
                                                                 stop_token_ids=[]))[0].completions[0].token_ids
     rows = bench_pts(ours, hf, tok, prompt, comp, n=cfg['n'], max_tokens=cfg['max_tokens'], prefixes=cfg['prefixes'],
-                     repeats=cfg['repeats'], seed=run.seed)
+                     repeats=cfg['repeats'], seed=run.seed, max_batch=cfg['max_batch'])
     print(rows, flush=True)
+    _bench_csv(run, out, 'pts', rows)
+    return dict(results=rows)
+
+def _bench_csv(run, out, name:str, rows:list[dict]):
+    "A benchmark's rows as `name`.csv in the stage folder, and (smoke preset) in reports/data/bench/."
+    import csv, io
     buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
-    atomic_write_text(out/'pts.csv', buf.getvalue())
-    if run.preset == 'smoke': atomic_write_text(repo_root()/'reports'/'data'/'bench'/'pts.csv', buf.getvalue())
+    atomic_write_text(out/f'{name}.csv', buf.getvalue())
+    if run.preset == 'smoke': atomic_write_text(repo_root()/'reports'/'data'/'bench'/f'{name}.csv', buf.getvalue())
+
+def stage_pts_yield(run, out, cfg):
+    "Pivotal tokens per 1,000 rollouts, adaptive or fixed, on the posttrain policy's kept queries (`bench_adaptive`)."
+    from phi4_nb.core import read_jsonl
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.posttrain import AnswerOracle
+    from phi4_nb.pts import bench_adaptive
+    from phi4_nb.tokenizer import load_tokenizer
+    tok, d, pc = load_tokenizer(run.dir('tokenizer')), run.dir('posttrain'), run.settings('posttrain')['pts']
+    kept = json.loads((d/'kept.json').read_text())
+    recs = read_jsonl(d/'pts.jsonl')[:cfg['solutions']]
+    oracle = AnswerOracle(tok, [k['prompt_ids'] for k in kept], [k['answer'] for k in kept])
+    rows = bench_adaptive(Phi4ForCausalLM.from_hf(d/'sft'/'hf'), tok, oracle, [r['prompt_ids'] for r in recs],
+                          [r['completion_ids'] for r in recs], {k: tuple(v) for k, v in cfg['estimators'].items()},
+                          p_gap=pc['p_gap'], chunk=pc['chunk'], max_tokens=pc['max_tokens'],
+                          temperature=pc['temperature'], seed=run.seed)
+    print(rows, flush=True)
+    _bench_csv(run, out, 'pts_yield', rows)
     return dict(results=rows)
 
 # %% ../nbs/50_reproduce.ipynb #d7750e70
@@ -801,6 +836,118 @@ def stage_ablate(run, out, cfg):
     return dict(world=w.cfg.preset, pools=pools, params=sum(p.numel() for p in base.parameters()),
                 arms=arms, fig2=fig2, midtrain=mid, seq_len=T)
 
+# %% ../nbs/50_reproduce.ipynb #72f167e1
+def _pairs_ds(pairs, tok):
+    import datasets
+    dec = lambda ids: tok.decode(ids)
+    return datasets.Dataset.from_list([dict(prompt=dec(p['prompt_ids']), chosen=dec(p['chosen_ids']),
+                                            rejected=dec(p['rejected_ids']), **p) for p in pairs])
+
+def _prefix_trace(est, model, prompt, comp)->dict:
+    "p(success) after every prefix of one solution, and each token's probability under the policy (Figure 3)."
+    from phi4_nb.dpo import token_logps
+    ests = est.estimate([list(prompt) + list(comp[:i]) for i in range(len(comp) + 1)])
+    ids = torch.tensor([list(prompt) + list(comp)])
+    mask = torch.zeros_like(ids); mask[0, len(prompt):] = 1
+    with torch.no_grad(): lp = token_logps(model.eval(), dict(input_ids=ids, completion_mask=mask))[0, len(prompt) - 1:]
+    return dict(p=[e.p for e in ests], n=[e.n for e in ests], ci=[list(e.interval()) for e in ests],
+                token_prob=[round(float(x), 4) for x in lp.exp()], token_ids=list(comp))
+
+def stage_posttrain(run, out, cfg):
+    import copy
+    from phi4_nb import posttrain as PT
+    from phi4_nb.ablate import paired_delta, pool_seeds
+    from phi4_nb.model import Phi4ForCausalLM
+    from phi4_nb.pts import RolloutEstimator, keep_queries, pairs_dataset
+    from phi4_nb.generate import SamplingParams
+    from phi4_nb.sft import SFTLoader
+    from phi4_nb.tokenizer import load_tokenizer
+    from phi4_nb.world import World
+    tok = load_tokenizer(run.dir('tokenizer')); pad = tok.pad_token_id or 0
+    w = World(run.seed, run.settings('ablate')['data']['world']['world_preset'])
+    probs = PT.arith_problems(w, cfg['sft_problems'] + cfg['queries'] + cfg['heldout'])
+    train, queries, held = (probs[:cfg['sft_problems']], probs[cfg['sft_problems']:-cfg['heldout']],
+                            probs[-cfg['heldout']:])
+    base = Phi4ForCausalLM.from_hf(run.dir('ablate')/'arms'/cfg['base']/'hf').eval()
+    sc = cfg['sft']; acc = lambda m: PT.sampled_accuracy(m, tok, held, n=cfg['eval_n'], seed=run.seed)
+    loader = SFTLoader(PT.sft_examples(tok, train, sc['seq_len']), sc['seq_len'], batch_rows=sc['batch'], pad_id=pad,
+                       seed=run.seed)                                  # 1. the policy (a finished run: its last step)
+    m = copy.deepcopy(base).train()
+    sft_fit = _fit(run, out/'sft', m, loader, sc)
+    if not (out/'sft'/'hf').exists(): m.eval().save_hf(out/'sft'/'hf', tokenizer=tok)
+    sft = Phi4ForCausalLM.from_hf(out/'sft'/'hf').eval()
+    scores = {'base': acc(base), 'sft': acc(sft)}
+    pc = cfg['pts']                                                    # 2. query filter, sampled solutions, search
+    prompts = [PT.chat_prompt(tok, q.question) for q in queries]
+    oracle = PT.AnswerOracle(tok, prompts, [q.answer for q in queries])
+    est = RolloutEstimator(sft, tok, oracle, out/'rollouts.sqlite', oracle.id, n=pc['n'], max_n=pc['max_n'],
+                           chunk=pc['chunk'], temperature=pc['temperature'], max_tokens=pc['max_tokens'], seed=run.seed,
+                           max_batch=128)
+    est.asked.clear()
+    p0 = est.estimate(prompts)
+    filter_rollouts = est.used()
+    keep = [i for i, e in enumerate(p0) if pc['lo'] <= e.p <= pc['hi']]
+    kp = [prompts[i] for i in keep]
+    atomic_write_json(out/'kept.json', [dict(query=i, prompt_ids=prompts[i], answer=queries[i].answer) for i in keep])
+    params = SamplingParams(n=1, temperature=pc['temperature'], max_tokens=pc['max_tokens'])
+    comps = [o.completions[0].token_ids for o in est.engine.generate(kp, params, seeds=[run.seed * 7919 + i
+                                                                                       for i in keep])]
+    recs = PT.search_pairs(est, kp, comps, out/'pts.jsonl', p_gap=pc['p_gap'])
+    pts_pairs = [dict(x, query=keep[r['query']]) for r in recs for x in r['pairs']]
+    if not (out/'whole.json').exists():                                # 3. the baseline at the same budget
+        whole = PT.rejection_pairs(est.engine, oracle, kp, [r['rollouts'] for r in recs], max_pairs=cfg['max_pairs'],
+                                   chunk=pc['chunk'], temperature=pc['temperature'], max_tokens=pc['max_tokens'],
+                                   seed=run.seed)
+        atomic_write_json(out/'whole.json', whole)
+    whole = json.loads((out/'whole.json').read_text())
+    whole_pairs = [dict(x, query=keep[b['query']]) for b in whole for x in b['pairs']]
+    if pts_pairs: pairs_dataset(pts_pairs, tok).save_to_disk(str(out/'pts_pairs'))
+    if whole_pairs: _pairs_ds(whole_pairs, tok).save_to_disk(str(out/'whole_pairs'))
+    best = max(recs, key=lambda r: (len(r['pivots']), -r['query'])) if recs else None
+    if best is not None:                                               # Figure 3's trace
+        atomic_write_json(out/'trace.json', dict(_prefix_trace(est, sft, best['prompt_ids'], best['completion_ids']),
+                                                 query=keep[best['query']], pivots=best['pivots'],
+                                                 question=queries[keep[best['query']]].question,
+                                                 answer=queries[keep[best['query']]].answer,
+                                                 tokens=[tok.decode([t]) for t in best['completion_ids']]))
+    dc, arms = cfg['dpo'], {}                                          # 4. DPO arms over seeds
+    for name, pairs in (('pts', pts_pairs), ('whole', whole_pairs)):
+        for seed in cfg['seeds']:
+            d = out/'arms'/f"{name}-seed{seed}"
+            if not pairs: continue
+            if not (d/'result.json').exists():
+                m = copy.deepcopy(sft)
+                log = PT.train_dpo(m, sft, pairs, d, steps=dc['steps'], batch=dc['batch'], lr=dc['lr'], beta=dc['beta'],
+                                   loss_type=dc['loss_type'], warmup=dc['warmup'], seed=seed, pad_id=pad,
+                                   ref_cache=out/f'ref_logps_{name}.sqlite')
+                write_jsonl(d/'scores.jsonl', acc(m))
+                secs = round(sum(r['seconds'] for r in log), 1)
+                atomic_write_json(d/'result.json', dict(loss_first=log[0]['loss'], loss_last=log[-1]['loss'],
+                                                        steps=len(log), seconds=secs))
+            arms.setdefault(name, []).append(dict(json.loads((d/'result.json').read_text()), seed=seed,
+                                                  scores=read_jsonl(d/'scores.jsonl')))
+    mean = lambda s: round(sum(x['right'] for x in s) / len(s), 4)     # 5. held-out accuracy and paired deltas
+    res = {k: dict(accuracy=mean(v)) for k, v in scores.items()}
+    for name, runs in arms.items():
+        pooled = pool_seeds([r['scores'] for r in runs])
+        res[name] = dict(accuracy=mean(pooled), per_seed=[mean(r['scores']) for r in runs],
+                         vs_sft=paired_delta(pooled, scores['sft'], seed=run.seed),
+                         dpo_loss=[(r['loss_first'], r['loss_last']) for r in runs])
+        write_jsonl(out/f'scores_{name}.jsonl', pooled)
+    if {'pts', 'whole'} <= arms.keys():
+        res['pts_vs_whole'] = paired_delta(pool_seeds([r['scores'] for r in arms['pts']]),
+                                           pool_seeds([r['scores'] for r in arms['whole']]), seed=run.seed)
+    for k in ('base', 'sft'): write_jsonl(out/f'scores_{k}.jsonl', scores[k])
+    n_piv = sum(len(r['pivots']) for r in recs)
+    return dict(world=w.cfg.preset, params=sum(p.numel() for p in sft.parameters()), sft=sft_fit,
+                queries=len(queries), kept=len(keep), filter_rollouts=filter_rollouts,
+                p_queries=[round(e.p, 4) for e in p0], pivots=n_piv, pts_pairs=len(pts_pairs),
+                pivots_without_pair=sum(len(r['pivots']) - len(r['pairs']) for r in recs),
+                pts_rollouts=sum(r['rollouts'] for r in recs), whole_rollouts=sum(b['sampled'] for b in whole),
+                whole_pairs=len(whole_pairs), max_pairs=cfg['max_pairs'], whole_right=sum(b['right'] for b in whole),
+                heldout=len(held),
+                eval_n=cfg['eval_n'], seeds=list(cfg['seeds']), results=res)
+
 # %% ../nbs/50_reproduce.ipynb #4e5f6071
 def _gsm8k_throughput(lm, items, n:int=4, max_tokens:int=256, batch:int=8, seed:int=0)->dict:
     "Samples/s (and new tokens/s) for GSM8K prompts at `n` samples each with the engine."
@@ -979,7 +1126,8 @@ STAGES = dict(world=stage_world, tokenizer=stage_tokenizer, curate=stage_curate,
               mixture=stage_mixture, model=stage_model, evals=stage_evals, longctx=stage_longctx,
               synth=stage_synth, generate=stage_generate, serve=stage_serve, smollm2=stage_smollm2,
               pretrain=stage_pretrain, midtrain=stage_midtrain, sft=stage_sft, dpo=stage_dpo, train=stage_train,
-              ablate=stage_ablate, pts_bench=stage_pts_bench)
+              ablate=stage_ablate, pts_bench=stage_pts_bench, posttrain=stage_posttrain,
+              pts_yield=stage_pts_yield)
 
 def reproduce(preset:str='smoke',
               stages:list|None=None,   # default: the main stages (`MAIN`), in dependency order

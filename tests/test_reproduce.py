@@ -111,3 +111,18 @@ def test_ablations_build_their_own_data_and_arms(tiny):
     assert all(set(r['mixture']) == {'synthetic_fixed', 'web_fresh'} and r['curve'] for r in f2.values())
     assert m['midtrain']['long']['rope_theta'] == 250000.0 and set(m['midtrain']) == {'base', 'long', 'short'}
     assert R.done_hash(run, 'ablate') is not None
+
+def test_posttrain_matches_rollout_budgets_and_trains_arms(tiny):
+    "The posttrain stage: every kept query searched, the baseline drawn with the rollouts PTS used, arms scored."
+    from phi4_nb.core import read_jsonl
+    root, res, _ = tiny
+    m, d = res['stages']['posttrain'], root/'artifacts'/'tiny'/'posttrain'
+    cfg = R.STAGE_SETTINGS['tiny']['posttrain']
+    recs, whole = read_jsonl(d/'pts.jsonl'), __import__('json').loads((d/'whole.json').read_text())
+    assert m['kept'] == m['queries'] == cfg['queries'] == len(recs)          # the tiny filter keeps every query
+    assert [b['sampled'] for b in whole] == [-(-r['rollouts'] // 8) * 8 for r in recs] and m['pts_rollouts'] > 0
+    assert all(r['rollouts'] >= cfg['pts']['n'] for r in recs)
+    assert (d/'sft'/'hf'/'config.json').exists() and m['sft']['steps'] == cfg['sft']['steps']
+    assert {'base', 'sft'} <= set(m['results']) and len(read_jsonl(d/'scores_sft.jsonl')) == cfg['heldout']
+    for arm in ('pts', 'whole'):
+        if m[f'{arm}_pairs']: assert m['results'][arm]['per_seed'] and (d/f'scores_{arm}.jsonl').exists()
