@@ -30,10 +30,10 @@ _SMOKE = dict(
     model=dict(),
     evals=dict(models=('init', 'SmolLM2-135M-Instruct'), limit=16, n=2, max_tokens=128, amc_tests=4, amc_n=2,
                amc_max_tokens=256, dtype='float32', compile=True,    # float32: bfloat16 is slow without AMX units
-               # SmolLM2 is 20x bigger: fewer samples, and eager (compiling each new shape costs more than it saves);
-               # the untrained initialisation is the floor, one sample per item is enough for it
+               # one sample per item (SmolLM2 is 20x bigger; the untrained initialisation is only the floor), and
+               # eager: at these few items compiling each new batch shape costs more than it saves
                per_model={'SmolLM2-135M-Instruct': dict(n=1, amc_tests=1, compile=False),
-                          'init': dict(n=1, amc_n=1, amc_tests=1)}),
+                          'init': dict(n=1, amc_n=1, amc_tests=1, compile=False)}),
     longctx=dict(models=('init', 'SmolLM2-135M-Instruct'), n=4, multiples=(1, 2), base_ctx=1024, dtype='float32'),
     generate=dict(smollm2=True, repeats=3, scenarios=[
         dict(model=m, dtype=dt, compile=c, batch=32, n=n, prompt_len=pl, max_tokens=mt, temperature=0.5, top_p=tp)
@@ -836,7 +836,7 @@ def stage_ablate(run, out, cfg):
     return dict(world=w.cfg.preset, pools=pools, params=sum(p.numel() for p in base.parameters()),
                 arms=arms, fig2=fig2, midtrain=mid, seq_len=T)
 
-# %% ../nbs/50_reproduce.ipynb #72f167e1
+# %% ../nbs/50_reproduce.ipynb #15409299
 def _pairs_ds(pairs, tok):
     import datasets
     dec = lambda ids: tok.decode(ids)
