@@ -836,7 +836,7 @@ def stage_ablate(run, out, cfg):
     return dict(world=w.cfg.preset, pools=pools, params=sum(p.numel() for p in base.parameters()),
                 arms=arms, fig2=fig2, midtrain=mid, seq_len=T)
 
-# %% ../nbs/50_reproduce.ipynb #15409299
+# %% ../nbs/50_reproduce.ipynb #f4fb0cb5
 def _pairs_ds(pairs, tok):
     import datasets
     dec = lambda ids: tok.decode(ids)
@@ -887,6 +887,8 @@ def stage_posttrain(run, out, cfg):
     p0 = est.estimate(prompts)
     filter_rollouts = est.used()
     keep = [i for i, e in enumerate(p0) if pc['lo'] <= e.p <= pc['hi']]
+    if not keep: raise RuntimeError(f"no query has p(success) in [{pc['lo']}, {pc['hi']}] under the fine-tuned policy "
+                                    f"(mean {sum(e.p for e in p0) / len(p0):.2f}): change sft steps or the problems")
     kp = [prompts[i] for i in keep]
     atomic_write_json(out/'kept.json', [dict(query=i, prompt_ids=prompts[i], answer=queries[i].answer) for i in keep])
     params = SamplingParams(n=1, temperature=pc['temperature'], max_tokens=pc['max_tokens'])
