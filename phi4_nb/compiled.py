@@ -56,11 +56,11 @@ def cache_len(n:int)->int:
     return max(128, 1 << (n - 1).bit_length()) + 16
 
 def cache_columns(cache, w:int)->tuple[list, list]:
-    "Every layer's first `w` cache columns, the width marked dynamic so that one compiled graph serves all widths."
+    "Every layer's first `w` cache columns, rows and width marked dynamic: one compiled graph serves all of them."
     v = getattr(cache, '_views', None)                       # the same views until the width or the rows change
     if v is None or v[0] != w or v[1] is not cache.k:
         ks, vs = [x[:, :, :w] for x in cache.k], [x[:, :, :w] for x in cache.v]
-        for x in ks + vs: torch._dynamo.maybe_mark_dynamic(x, 2)
+        for x in ks + vs: torch._dynamo.maybe_mark_dynamic(x, 0); torch._dynamo.maybe_mark_dynamic(x, 2)
         cache._views = v = (w, cache.k, ks, vs)
     return v[2], v[3]
 
@@ -140,6 +140,10 @@ def compile_steps(model:Phi4ForCausalLM)->tuple:
     return steps
 
 # %% ../nbs/03a_compiled.ipynb #3c9f5602
+def _dynamic(x:torch.Tensor, *dims):
+    "Mark dims of `x` dynamic for `torch.compile`: the engine's batch shrinks as rows finish, so sizes vary."
+    for d in dims: torch._dynamo.maybe_mark_dynamic(x, d)
+
 class CompiledSteps:
     "The compiled prefill and decode steps over one cache (from `model.new_cache(batch, cache_len(n))`)."
     def __init__(self, model:Phi4ForCausalLM, cache):
@@ -149,7 +153,7 @@ class CompiledSteps:
     def prefill(self, batch:torch.Tensor)->torch.Tensor:
         "Left-padded prompts (B, L) -> float32 logits (B, V) at their last column."
         c, L = self.cache, batch.shape[1]
-        batch = batch.to(self.dev); torch._dynamo.maybe_mark_dynamic(batch, 1)   # one graph for every length
+        batch = batch.to(self.dev); _dynamic(batch, 0, 1); _dynamic(c.start, 0)   # one graph for every shape
         col = torch.tensor(c.pos, device=self.dev)
         logits = self._prefill(batch, col, c.start, *cache_columns(c, c.pos + L), self.rope)   # (B, V)
         c.pos += L
@@ -158,7 +162,8 @@ class CompiledSteps:
     def _args(self, nxt:torch.Tensor)->tuple:
         c = self.cache
         w = (c.pos // 16 + 1) * 16                                   # columns written after this step, rounded up
-        args = (nxt[:, None], torch.tensor(c.pos, device=self.dev), c.start, *cache_columns(c, w), self.rope)
+        ids = nxt[:, None]; _dynamic(ids, 0); _dynamic(c.start, 0)                  # any batch size, one graph
+        args = (ids, torch.tensor(c.pos, device=self.dev), c.start, *cache_columns(c, w), self.rope)
         c.pos += 1
         return args
 
@@ -168,4 +173,6 @@ class CompiledSteps:
 
     def decode_sample(self, nxt:torch.Tensor, sampler, *args):
         "One token per row (B,) -> `sampler(logits, *args)`, computed inside the compiled step."
+        for x in args:
+            if torch.is_tensor(x) and x.dim(): _dynamic(x, 0)                        # per-row inputs of the sampler
         return self._sample(sampler, *self._args(nxt), *args)

@@ -50,7 +50,7 @@ def test_compiled_matches_eager_with_ragged_prompts_samples_and_stops():
     assert _ids(a) == _ids(b)
     assert [c.finish_reason for o in a for c in o.completions] == [c.finish_reason for o in b for c in o.completions]
     assert any(c.finish_reason == 'stop' for o in b for c in o.completions)
-    # prompts of different lengths in separate chunks reuse one prefill graph and one decode graph (per batch size)
+    # prompts of different lengths in separate chunks reuse one prefill graph and one decode graph
     from torch._dynamo.utils import counters
     chunked = Engine(m, max_batch=2, compile=True)
     order = sorted(range(6), key=lambda i: -len(prompts[i]))
@@ -174,3 +174,16 @@ def test_cached_forward_runs_the_model_layers_and_the_attention_dispatch(monkeyp
     one = 'cpu_decode' if C.decode_kernel_on(torch.device('cpu')) else 'eager'
     assert prefill == [('sdpa', 8)] * (n - 1) + [(one, 1)]
     assert calls == [(one, 1)] * n
+
+
+def test_compiled_engine_serves_many_batch_sizes_with_few_graphs():
+    "Calls whose batch sizes all differ (more of them than dynamo's recompile limit) reuse graphs with a dynamic batch."
+    from torch._dynamo.utils import counters
+    m, prompts = _model(3), _prompts(12, seed=4)
+    eager, comp = Engine(m), Engine(m, compile=True)
+    sp = SamplingParams(max_tokens=4, stop_token_ids=[], temperature=0.0)
+    comp.generate(prompts[:2], sp)                                        # the first graphs
+    graphs = counters['stats']['unique_graphs']
+    for k in range(3, 13):                                                # ten more batch sizes
+        assert _ids(comp.generate(prompts[:k], sp)) == _ids(eager.generate(prompts[:k], sp))
+    assert counters['stats']['unique_graphs'] - graphs <= 3, counters['stats']
