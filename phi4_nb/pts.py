@@ -77,9 +77,9 @@ class RolloutEstimator:
                  n:int=32, # rollouts per prefix (the adaptive mode's least)
                  max_n:int=128, # the adaptive mode's most
                  chunk:int=8, temperature:float=1.0, top_p:float=1.0, max_tokens:int=256, seed:int=0,
-                 max_batch:int=64):
+                 max_batch:int=64, compile:bool=False): # compile: the engine's steps through `torch.compile`
         if n < 1 or chunk < 1 or max_n < n: raise ValueError("need n >= 1, chunk >= 1 and max_n >= n")
-        self.engine, self.oracle = Engine(model, tokenizer, max_batch=max_batch), oracle
+        self.engine, self.oracle = Engine(model, tokenizer, max_batch=max_batch, compile=compile), oracle
         self.n, self.max_n, self.chunk = n, max_n, chunk
         self.params = SamplingParams(n=chunk, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.base = json.dumps(dict(model=model_hash(model), oracle=oracle_id, seed=seed, chunk=chunk,
@@ -195,8 +195,9 @@ def pairs_dataset(pairs:list[dict], tokenizer=None):
 # %% ../nbs/30_pts.ipynb #9cae0123
 def bench_pts(model, hf_model, tokenizer, prompt_ids:list, completion_ids:list, n:int=32, max_tokens:int=64,
               prefixes:int=8, repeats:int=1, seed:int=0,
-              max_batch:int=256)->list[dict]: # our engine's batch: every prefix's rollouts together
-    "Rollouts/s of `RolloutEstimator` and of decode + re-encode + HF `generate` (batches of 5); one row per side."
+              max_batch:int=256, # our engine's batch: every prefix's rollouts together
+              compile:bool=False)->list[dict]: # also time our engine compiled
+    "Rollouts/s of our estimator (eager; also compiled if asked) and of decode + re-encode + HF `generate` at batch 5."
     import tempfile, time, torch
     from pathlib import Path
     from phi4_nb.generate import stop_ids
@@ -204,10 +205,10 @@ def bench_pts(model, hf_model, tokenizer, prompt_ids:list, completion_ids:list, 
     cuts = sorted({round(i * k / prefixes) for i in range(prefixes)})
     pre = [list(prompt_ids) + list(completion_ids[:c]) for c in cuts]
     stops = sorted(stop_ids(tokenizer, SamplingParams()))
-    def ours():
+    def ours(comp=False):
         with tempfile.TemporaryDirectory() as d:
             est = RolloutEstimator(model, tokenizer, lambda p, r: True, Path(d)/'r.sqlite', 'bench', n=n, chunk=n,
-                                   max_tokens=max_tokens, seed=seed, max_batch=max(n, max_batch))
+                                   max_tokens=max_tokens, seed=seed, max_batch=max(n, max_batch), compile=comp)
             est.estimate(pre)
             return est.sampled
     changed = sum(tokenizer.encode(tokenizer.decode(p), add_special_tokens=False) != p for p in pre)
@@ -222,18 +223,18 @@ def bench_pts(model, hf_model, tokenizer, prompt_ids:list, completion_ids:list, 
                                         eos_token_id=stops or None, pad_token_id=stops[0] if stops else 0)
                 done += len(out)
         return done
-    t = {'phi4_nb': [], 'peer': []}
-    count = {}
+    sides = [('phi4_nb', ours)] + ([('phi4_nb compiled', lambda: ours(True))] if compile else []) + [('peer', peer)]
+    t, count = {side: [] for side, _ in sides}, {}
     for _ in range(repeats):
-        for side, fn in (('phi4_nb', ours), ('peer', peer)):
+        for side, fn in sides:
             t0 = time.perf_counter(); count[side] = fn(); t[side].append(time.perf_counter() - t0)
     rows = []
     for side in t:
         s = min(t[side])
         rows.append(dict(side=side, prefixes=len(pre), rollouts=count[side], max_tokens=max_tokens, seconds=round(s, 3),
-                         rollouts_per_s=round(count[side] / s, 2),
+                         rollouts_per_s=round(count[side] / s, 2), first_seconds=round(t[side][0], 3),
                          ids_changed_by_text=changed if side == 'peer' else 0))
-    for r in rows: r['speedup'] = round(rows[0]['rollouts_per_s'] / rows[1]['rollouts_per_s'], 2)
+    for r in rows: r['speedup'] = round(r['rollouts_per_s'] / rows[-1]['rollouts_per_s'], 2)
     return rows
 
 # %% ../nbs/30_pts.ipynb #a26463a1

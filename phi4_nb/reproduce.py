@@ -57,7 +57,7 @@ _SMOKE = dict(
     dpo=dict(steps=30, batch=8, lr=5e-5, warmup=3, ckpt_every=10, beta=0.1, loss_type='sigmoid', heldout_share=0.2,
              weight_decay=0.0),
     train=dict(batch=8, seq_len=256, steps=4, repeats=3, compile=(False, True)),
-    pts_bench=dict(n=32, max_tokens=64, prefixes=8, repeats=2, max_batch=256),
+    pts_bench=dict(n=32, max_tokens=64, prefixes=8, repeats=2, max_batch=256, compile=True),
     pts_yield=dict(solutions=24, estimators={'fixed 16': (16, 16), 'adaptive 16-48': (16, 48), 'fixed 48': (48, 48)}),
     serve=dict(model='SmolLM2-135M-Instruct', requests=32, max_tokens=32, concurrency=(1, 16), repeats=2,
                temperature=0.5),
@@ -92,7 +92,7 @@ STAGE_SETTINGS = {
              'serve': dict(model='init', requests=8, max_tokens=4, concurrency=(1, 4), repeats=1, temperature=0.5),
              'pretrain': dict(steps=12, batch=4, seq_len=64, lr=3e-3, warmup=2, ckpt_every=6),
              'train': dict(batch=2, seq_len=32, steps=1, repeats=1, compile=(False,)),
-             'pts_bench': dict(n=5, max_tokens=4, prefixes=2, repeats=1, max_batch=16),
+             'pts_bench': dict(n=5, max_tokens=4, prefixes=2, repeats=1, max_batch=16, compile=False),
              'pts_yield': dict(solutions=2, estimators={'fixed 8': (8, 8), 'adaptive 8-16': (8, 16)}),
              'midtrain': dict(_SMOKE['midtrain'], steps=4, batch=2, warmup=1, ckpt_every=2),
              'sft': dict(_SMOKE['sft'], steps=6, batch=2, seq_len=128, warmup=1, ckpt_every=3, eval_items=8),
@@ -405,7 +405,7 @@ def stage_pts_bench(run, out, cfg):
     comp = Engine(ours, tok).generate([prompt], SamplingParams(max_tokens=cfg['max_tokens'], seed=run.seed,
                                                                 stop_token_ids=[]))[0].completions[0].token_ids
     rows = bench_pts(ours, hf, tok, prompt, comp, n=cfg['n'], max_tokens=cfg['max_tokens'], prefixes=cfg['prefixes'],
-                     repeats=cfg['repeats'], seed=run.seed, max_batch=cfg['max_batch'])
+                     repeats=cfg['repeats'], seed=run.seed, max_batch=cfg['max_batch'], compile=cfg['compile'])
     print(rows, flush=True)
     _bench_csv(run, out, 'pts', rows)
     return dict(results=rows)
@@ -836,7 +836,7 @@ def stage_ablate(run, out, cfg):
     return dict(world=w.cfg.preset, pools=pools, params=sum(p.numel() for p in base.parameters()),
                 arms=arms, fig2=fig2, midtrain=mid, seq_len=T)
 
-# %% ../nbs/50_reproduce.ipynb #f4fb0cb5
+# %% ../nbs/50_reproduce.ipynb #9d800569
 def _pairs_ds(pairs, tok):
     import datasets
     dec = lambda ids: tok.decode(ids)

@@ -126,3 +126,15 @@ def test_posttrain_matches_rollout_budgets_and_trains_arms(tiny):
     assert {'base', 'sft'} <= set(m['results']) and len(read_jsonl(d/'scores_sft.jsonl')) == cfg['heldout']
     for arm in ('pts', 'whole'):
         if m[f'{arm}_pairs']: assert m['results'][arm]['per_seed'] and (d/f'scores_{arm}.jsonl').exists()
+
+def test_pts_benchmarks_run_on_the_tiny_preset(tiny):
+    "pts_bench (ours against decode + re-encode + generate) and pts_yield (per estimator) write their rows."
+    root, _, _ = tiny
+    res = R.reproduce('tiny', stages=['pts_bench', 'pts_yield'], reports=[], root=root/'artifacts',
+                      reports_root=root/'reports')['stages']
+    sides = [r['side'] for r in res['pts_bench']['results']]
+    assert sides == ['phi4_nb', 'peer'] and all(r['rollouts'] > 0 for r in res['pts_bench']['results'])
+    ys = res['pts_yield']['results']
+    assert [r['estimator'] for r in ys] == list(R.STAGE_SETTINGS['tiny']['pts_yield']['estimators'])
+    assert all(r['rollouts'] > 0 and r['solutions'] == 2 for r in ys)
+    assert (root/'artifacts'/'tiny'/'pts_yield'/'pts_yield.csv').exists()
