@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_posttrain.ipynb #d9dee6a8
 from __future__ import annotations
-import hashlib, json
+import hashlib
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm

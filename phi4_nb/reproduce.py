@@ -535,7 +535,8 @@ def _heldout(run)->list:
     "TinyWorld's test word problems (never in training documents), each with its worked solution."
     from phi4_nb.world import World
     w = World(run.seed, run.settings('world')['world_preset'])
-    return [(p.question, ' '.join(p.solution()[0]) + f"\nAnswer: {p.answer}", p.answer) for p in w.test_arith]
+    from phi4_nb.posttrain import solution_text
+    return [(p.question, solution_text(p), p.answer) for p in w.test_arith]
 
 @torch.no_grad()
 def heldout_loss(model, tok, texts:list, seq_len:int, batch:int=16)->float:
@@ -858,7 +859,7 @@ def stage_posttrain(run, out, cfg):
     from phi4_nb import posttrain as PT
     from phi4_nb.ablate import paired_delta, pool_seeds
     from phi4_nb.model import Phi4ForCausalLM
-    from phi4_nb.pts import RolloutEstimator, keep_queries, pairs_dataset
+    from phi4_nb.pts import RolloutEstimator, pairs_dataset
     from phi4_nb.generate import SamplingParams
     from phi4_nb.sft import SFTLoader
     from phi4_nb.tokenizer import load_tokenizer
